@@ -1,0 +1,167 @@
+"""The model repository: `<repository>/<model_name>/<version>/{model.onnx,model.json}`.
+
+The layout follows Triton's. Versions are positive integers. A version directory appears
+complete or not at all: publishers build it in a hidden staging directory on the same
+filesystem, fsync it, and rename it into place while holding the model's publish lock, so
+a scanning server never sees a half-written model and two publishers never share a number.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_FILE = "model.onnx"
+CARD_FILE = "model.json"
+DEFAULT_MODEL_NAME = "mnist37"
+_LOCK_FILE = ".publish.lock"
+_STAGING_PREFIX = ".staging-"
+
+
+class RepositoryError(Exception):
+    """The repository or one of its versions is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One published version of a model."""
+
+    name: str
+    version: int
+    path: Path
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / MODEL_FILE
+
+    @property
+    def card_path(self) -> Path:
+        return self.path / CARD_FILE
+
+    def read_card(self) -> dict:
+        """The model card (`model.json`) as a dict."""
+        try:
+            return json.loads(self.card_path.read_text())
+        except (OSError, ValueError) as error:
+            raise RepositoryError(f"cannot read model card {self.card_path}: {error}") from error
+
+
+def validate_model_name(name: str) -> str:
+    """A model name is one path component of letters, digits, '-', '_' and '.'."""
+    allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
+    if not name or name.startswith(".") or not set(name) <= allowed:
+        raise RepositoryError(
+            f"invalid model name {name!r}: use letters, digits, '-', '_' and '.', "
+            "not starting with '.'"
+        )
+    return name
+
+
+def list_models(repository: Path) -> list[str]:
+    """Names of the models in a repository, sorted."""
+    if not repository.is_dir():
+        return []
+    return sorted(
+        entry.name
+        for entry in repository.iterdir()
+        if entry.is_dir() and not entry.name.startswith(".")
+    )
+
+
+def list_versions(repository: Path, name: str) -> list[ModelVersion]:
+    """The published versions of a model, oldest first. Staging directories are ignored."""
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        return []
+    versions = []
+    for entry in model_dir.iterdir():
+        if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0:
+            versions.append(ModelVersion(name, int(entry.name), entry))
+    return sorted(versions, key=lambda v: v.version)
+
+
+def latest_version(repository: Path, name: str) -> ModelVersion | None:
+    """The newest published version of a model, or None if it has none."""
+    versions = list_versions(repository, name)
+    return versions[-1] if versions else None
+
+
+@contextmanager
+def _publish_lock(model_dir: Path) -> Iterator[None]:
+    """An exclusive lock on a model directory; the kernel drops it if the holder dies."""
+    with open(model_dir / _LOCK_FILE, "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _fsync_tree(directory: Path) -> None:
+    for path in sorted(directory.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(directory)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish(
+    repository: Path, name: str, write_version: Callable[[Path, int], None]
+) -> ModelVersion:
+    """Publish the next version of `name` atomically.
+
+    `write_version(staging_dir, version)` writes the version's files into `staging_dir`.
+    If it raises, or the process dies, no version becomes visible.
+    """
+    validate_model_name(name)
+    model_dir = repository / name
+    model_dir.mkdir(parents=True, exist_ok=True)
+    with _publish_lock(model_dir):
+        for stale in model_dir.glob(_STAGING_PREFIX + "*"):
+            shutil.rmtree(stale, ignore_errors=True)  # left by a publisher that died
+        latest = latest_version(repository, name)
+        version = latest.version + 1 if latest else 1
+        staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=model_dir))
+        try:
+            write_version(staging, version)
+            if not (staging / MODEL_FILE).is_file():
+                raise RepositoryError(f"a version needs {MODEL_FILE}; {staging} has none")
+            staging.chmod(0o755)
+            _fsync_tree(staging)
+            final = model_dir / str(version)
+            os.rename(staging, final)
+            _fsync_dir(model_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return ModelVersion(name, version, final)
+
+
+def write_json_atomically(path: Path, data: object) -> None:
+    """Write JSON to `path` through a temporary file and a rename."""
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    fd, temp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise

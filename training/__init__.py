@@ -1,0 +1,1 @@
+"""Training side of mnist37: data, models, training loop, ONNX export and publishing."""
