@@ -4,6 +4,8 @@ The layout follows Triton's. Versions are positive integers. A version directory
 complete or not at all: publishers build it in a hidden staging directory on the same
 filesystem, fsync it, and rename it into place while holding the model's publish lock, so
 a scanning server never sees a half-written model and two publishers never share a number.
+Numbers are never reused: the model directory remembers the highest one ever published, so
+deleting a bad version does not hand its number to a different model.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -22,7 +25,9 @@ MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
 DEFAULT_MODEL_NAME = "mnist37"
 _LOCK_FILE = ".publish.lock"
+_HIGHEST_VERSION_FILE = ".highest-version"
 _STAGING_PREFIX = ".staging-"
+_VERSION_NAME = re.compile(r"[1-9][0-9]*")
 
 
 class RepositoryError(Exception):
@@ -80,10 +85,11 @@ def list_versions(repository: Path, name: str) -> list[ModelVersion]:
     model_dir = repository / name
     if not model_dir.is_dir():
         return []
-    versions = []
-    for entry in model_dir.iterdir():
-        if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0:
-            versions.append(ModelVersion(name, int(entry.name), entry))
+    versions = [
+        ModelVersion(name, int(entry.name), entry)
+        for entry in model_dir.iterdir()
+        if _VERSION_NAME.fullmatch(entry.name) and entry.is_dir()
+    ]
     return sorted(versions, key=lambda v: v.version)
 
 
@@ -134,8 +140,7 @@ def publish(
     with _publish_lock(model_dir):
         for stale in model_dir.glob(_STAGING_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a publisher that died
-        latest = latest_version(repository, name)
-        version = latest.version + 1 if latest else 1
+        version = _highest_version_ever(model_dir) + 1
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=model_dir))
         try:
             write_version(staging, version)
@@ -144,12 +149,28 @@ def publish(
             staging.chmod(0o755)
             _fsync_tree(staging)
             final = model_dir / str(version)
+            # Recorded first: a crash before the rename skips a number, never reuses one.
+            write_json_atomically(model_dir / _HIGHEST_VERSION_FILE, version)
             os.rename(staging, final)
             _fsync_dir(model_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
     return ModelVersion(name, version, final)
+
+
+def _highest_version_ever(model_dir: Path) -> int:
+    """The highest version number present or recorded as published (0 if none)."""
+    present = [int(e.name) for e in model_dir.iterdir() if _VERSION_NAME.fullmatch(e.name)]
+    record = model_dir / _HIGHEST_VERSION_FILE
+    try:
+        recorded = int(json.loads(record.read_text())) if record.exists() else 0
+    except (OSError, ValueError, TypeError) as error:
+        raise RepositoryError(
+            f"cannot read {record} (the highest version published): {error}; "
+            "fix or delete it to continue from the versions present"
+        ) from error
+    return max([recorded, *present])
 
 
 def write_json_atomically(path: Path, data: object) -> None:
@@ -161,7 +182,9 @@ def write_json_atomically(path: Path, data: object) -> None:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(temp, 0o644)  # mkstemp makes it owner-only; servers may run as other users
         os.replace(temp, path)
+        _fsync_dir(path.parent)
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise

@@ -1,0 +1,250 @@
+"""The model repository: layout, atomic and concurrent publishing, and `mnist37-models`.
+
+Torch-free, like the serving side it belongs to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from serving.repository import (
+    CARD_FILE,
+    MODEL_FILE,
+    RepositoryError,
+    latest_version,
+    list_models,
+    list_versions,
+    publish,
+    write_json_atomically,
+)
+from serving.repository_cli import main as models_main
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_fake_version(staging: Path, version: int, content: bytes = b"onnx bytes") -> None:
+    (staging / MODEL_FILE).write_bytes(content)
+    card = {
+        "name": "mnist37",
+        "version": version,
+        "architecture": {"name": "linear"},
+        "created_at": "2025-01-02T03:04:05+00:00",
+        "metrics": {"test": {"accuracy": 0.97}},
+        "model_file": {
+            "name": MODEL_FILE,
+            "sha256": hashlib.sha256(content).hexdigest(),
+            "bytes": len(content),
+        },
+    }
+    write_json_atomically(staging / CARD_FILE, card)
+
+
+def visible_entries(model_dir: Path) -> list[str]:
+    return sorted(entry.name for entry in model_dir.iterdir() if not entry.name.startswith("."))
+
+
+def test_versions_count_up_from_one_per_model(tmp_path):
+    assert list_models(tmp_path) == [] and latest_version(tmp_path, "mnist37") is None
+    published = [publish(tmp_path, "mnist37", write_fake_version) for _ in range(3)]
+    other = publish(tmp_path, "candidate", write_fake_version)
+    assert [v.version for v in published] == [1, 2, 3]
+    assert other.version == 1
+    assert list_models(tmp_path) == ["candidate", "mnist37"]
+    assert list_versions(tmp_path, "mnist37") == published
+    assert latest_version(tmp_path, "mnist37") == published[-1]
+    assert published[1].path == tmp_path / "mnist37" / "2"
+    assert published[1].read_card()["version"] == 2
+    assert oct(published[0].card_path.stat().st_mode & 0o777) == oct(0o644)
+    assert oct(published[0].path.stat().st_mode & 0o777) == oct(0o755)
+
+
+def test_listing_ignores_what_is_not_a_version(tmp_path):
+    publish(tmp_path, "mnist37", write_fake_version)
+    model_dir = tmp_path / "mnist37"
+    for name in ("0", "007", "\u00b2", ".staging-x", "latest"):
+        (model_dir / name).mkdir()
+    (model_dir / "9").write_text("a file, not a directory")
+    assert [v.version for v in list_versions(tmp_path, "mnist37")] == [1]
+
+
+def test_a_failed_write_publishes_nothing_and_uses_no_number(tmp_path):
+    def fail_midway(staging: Path, version: int) -> None:
+        (staging / MODEL_FILE).write_bytes(b"half")
+        raise RuntimeError("parity failed")
+
+    with pytest.raises(RuntimeError, match="parity failed"):
+        publish(tmp_path, "mnist37", fail_midway)
+    with pytest.raises(RepositoryError, match=r"a version needs model\.onnx"):
+        publish(tmp_path, "mnist37", lambda staging, version: None)
+    assert visible_entries(tmp_path / "mnist37") == []
+    assert not list((tmp_path / "mnist37").glob(".staging-*"))
+    assert publish(tmp_path, "mnist37", write_fake_version).version == 1
+
+
+def test_numbers_of_deleted_versions_are_not_reused(tmp_path):
+    for _ in range(3):
+        publish(tmp_path, "mnist37", write_fake_version)
+    for number in ("3", "2"):
+        for file in (tmp_path / "mnist37" / number).iterdir():
+            file.unlink()
+        (tmp_path / "mnist37" / number).rmdir()
+    assert publish(tmp_path, "mnist37", write_fake_version).version == 4
+
+
+@pytest.mark.parametrize("name", ["", ".hidden", "a/b", "..", "name with spaces"])
+def test_invalid_model_names_are_refused(tmp_path, name):
+    with pytest.raises(RepositoryError, match="invalid model name"):
+        publish(tmp_path, name, write_fake_version)
+
+
+PUBLISHER = """
+import json, sys, time
+from pathlib import Path
+from serving.repository import CARD_FILE, MODEL_FILE, publish
+
+repository, token, start_signal, mode = sys.argv[1:]
+repository, start_signal = Path(repository), Path(start_signal)
+
+def write_version(staging, version):
+    (staging / MODEL_FILE).write_text(token)
+    if mode == "hang":
+        Path(token).write_text(str(staging))  # tells the test we are midway
+        time.sleep(600)
+    time.sleep(0.05)  # widen the window in which a second publisher could interfere
+    (staging / CARD_FILE).write_text(json.dumps({"token": token, "version": version}))
+
+while not start_signal.exists():
+    time.sleep(0.005)
+print(publish(repository, "mnist37", write_version).version)
+"""
+
+
+def start_publisher(repository: Path, token: Path, start_signal: Path, mode: str):
+    return subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(repository), str(token), str(start_signal), mode],
+        cwd=REPO_ROOT,
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_a_publisher_killed_midway_leaves_no_version(tmp_path):
+    repository, midway, go = tmp_path / "repository", tmp_path / "midway", tmp_path / "go"
+    go.touch()
+    publisher = start_publisher(repository, midway, go, "hang")
+    deadline = time.monotonic() + 60
+    while not midway.exists():
+        assert publisher.poll() is None, publisher.communicate()
+        assert time.monotonic() < deadline, "the publisher never reached its write"
+        time.sleep(0.01)
+    staging = Path(midway.read_text())
+    assert (staging / MODEL_FILE).is_file()  # it really died with a half-written version
+    publisher.send_signal(signal.SIGKILL)
+    publisher.communicate(timeout=30)
+
+    model_dir = repository / "mnist37"
+    assert list_versions(repository, "mnist37") == []
+    assert visible_entries(model_dir) == []
+    assert list_models(repository) == ["mnist37"]
+
+    version = publish(repository, "mnist37", write_fake_version)
+    assert version.version == 1
+    assert not staging.exists(), "the next publisher should clear the dead one's staging"
+    assert visible_entries(model_dir) == ["1"]
+
+
+def test_concurrent_publishers_get_distinct_complete_versions(tmp_path):
+    repository, go = tmp_path / "repository", tmp_path / "go"
+    publishers = [
+        start_publisher(repository, tmp_path / f"token-{i}", go, "normal") for i in range(4)
+    ]
+    time.sleep(0.3)  # let them all start and wait on the signal
+    go.touch()
+    outcomes = [publisher.communicate(timeout=120) for publisher in publishers]
+    assert [p.returncode for p in publishers] == [0] * 4, outcomes
+    assert sorted(int(stdout) for stdout, _ in outcomes) == [1, 2, 3, 4]
+
+    versions = list_versions(repository, "mnist37")
+    assert [v.version for v in versions] == [1, 2, 3, 4]
+    tokens = set()
+    for version in versions:
+        assert sorted(p.name for p in version.path.iterdir()) == [CARD_FILE, MODEL_FILE]
+        card = json.loads(version.card_path.read_text())
+        assert card["version"] == version.version
+        assert version.model_path.read_text() == card["token"]
+        tokens.add(card["token"])
+    assert len(tokens) == 4
+
+
+def test_write_json_atomically_leaves_no_temporary_files(tmp_path):
+    write_json_atomically(tmp_path / "card.json", {"b": 1, "a": [1, 2]})
+    write_json_atomically(tmp_path / "card.json", {"c": 3})
+    assert [p.name for p in tmp_path.iterdir()] == ["card.json"]
+    assert json.loads((tmp_path / "card.json").read_text()) == {"c": 3}
+
+
+def test_models_list_prints_a_table(tmp_path, capsys):
+    publish(tmp_path, "mnist37", write_fake_version)
+    publish(tmp_path, "mnist37", write_fake_version)
+    assert models_main(["list", "--repository", str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == [
+        "MODEL", "VERSION", "ARCH", "TEST", "ACC", "CREATED", "AT", "SHA256", "STATUS"
+    ]  # fmt: skip
+    sha_prefix = hashlib.sha256(b"onnx bytes").hexdigest()[:12]
+    assert lines[2].split() == [
+        "mnist37", "2", "linear", "0.9700", "2025-01-02T03:04:05+00:00", sha_prefix, "ok"
+    ]  # fmt: skip
+
+
+def test_models_list_json_flags_damaged_versions(tmp_path, capsys):
+    publish(tmp_path, "mnist37", write_fake_version)
+    damaged = publish(tmp_path, "mnist37", write_fake_version)
+    damaged.model_path.write_bytes(b"tampered")
+    publish(tmp_path, "other", write_fake_version)
+    assert (
+        models_main(["list", "--repository", str(tmp_path), "--model-name", "mnist37", "--json"])
+        == 1
+    )
+    captured = capsys.readouterr()
+    listing = json.loads(captured.out)
+    assert [(entry["model"], entry["version"]) for entry in listing] == [
+        ("mnist37", 1),
+        ("mnist37", 2),
+    ]
+    assert listing[0]["problems"] == [] and listing[0]["test_accuracy"] == 0.97
+    assert "the card says" in listing[1]["problems"][0]
+    assert "mnist37 v2" in captured.err
+
+
+def test_models_list_refuses_a_missing_repository(tmp_path, capsys):
+    assert models_main(["list", "--repository", str(tmp_path / "nowhere")]) == 2
+    assert "no model repository at" in capsys.readouterr().err
+
+
+def test_the_listing_command_runs_without_torch(tmp_path):
+    publish(tmp_path, "mnist37", write_fake_version)
+    script = (
+        "import sys; from serving.repository_cli import main; code = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'serving must not import torch'; sys.exit(code)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script, "list", "--repository", str(tmp_path)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "mnist37  1" in result.stdout

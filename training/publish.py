@@ -1,0 +1,187 @@
+"""Publish a training run into the model repository as its next version.
+
+A version is `model.onnx` (the serving graph, stamped with its metadata) and `model.json`
+(the model card). Every publish exports, runs onnx.checker's full check and the parity
+check on the exact bytes it ships; any failure leaves the repository untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime
+from torch import nn
+
+from serving.repository import (
+    CARD_FILE,
+    DEFAULT_MODEL_NAME,
+    MODEL_FILE,
+    ModelVersion,
+    publish,
+    write_json_atomically,
+)
+from training.export import (
+    BATCH_DIMENSION,
+    DIGIT_OUTPUT,
+    INPUT_NAME,
+    OPSET_VERSION,
+    PROBABILITY_OUTPUT,
+    ModelMetadata,
+    ServingModel,
+    export_onnx,
+    exporting_versions,
+    finalize,
+)
+from training.parity import check_parity
+
+CHECKPOINT_FILE = "checkpoint.pt"
+METRICS_FILE = "metrics.json"
+CARD_SCHEMA_VERSION = 1
+
+
+class PublishError(ValueError):
+    """A training run cannot be published: its files are missing or malformed."""
+
+
+@dataclass(frozen=True)
+class TrainingRecord:
+    """What a training run says about the model it produced."""
+
+    architecture: str
+    hidden_units: int | None
+    seed: int | None
+    created_at: str
+    data_checksums: Mapping[str, str]
+    test_metrics: Mapping[str, object]
+    run_dir: Path | None = None
+
+    @property
+    def test_accuracy(self) -> float:
+        return float(self.test_metrics["accuracy"])
+
+
+def publish_run(
+    run_dir: Path, repository: Path, model_name: str = DEFAULT_MODEL_NAME
+) -> ModelVersion:
+    """Export a run's checkpoint, prove it, and publish it as the next version."""
+    from training.data import load_dataset
+    from training.train import load_checkpoint
+
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    if not checkpoint_path.is_file():
+        raise PublishError(f"{run_dir} is not a training run: it has no {CHECKPOINT_FILE}")
+    try:
+        model, checkpoint = load_checkpoint(checkpoint_path)
+    except Exception as error:
+        raise PublishError(f"cannot load {checkpoint_path}: {error}") from error
+    record = read_training_record(run_dir, checkpoint)
+    test_images = load_dataset().test_images
+    return publish_model(model, record, test_images, Path(repository), model_name)
+
+
+def read_training_record(run_dir: Path, checkpoint: Mapping[str, object]) -> TrainingRecord:
+    """A run's provenance and test metrics, from its checkpoint and `metrics.json`."""
+    metrics_path = run_dir / METRICS_FILE
+    try:
+        test_metrics = json.loads(metrics_path.read_text())["test"]
+        float(test_metrics["accuracy"])
+        architecture = str(checkpoint["arch"])
+        record = TrainingRecord(
+            architecture=architecture,
+            hidden_units=int(checkpoint["hidden"]) if architecture == "mlp" else None,
+            seed=int(checkpoint["seed"]) if checkpoint.get("seed") is not None else None,
+            created_at=str(checkpoint["created_at"]),
+            data_checksums=dict(checkpoint["data_checksums"]),
+            test_metrics=test_metrics,
+            run_dir=run_dir.resolve(),
+        )
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise PublishError(
+            f"{run_dir}: cannot read the run's record ({METRICS_FILE} with test.accuracy; "
+            f"checkpoint with arch, hidden, seed, created_at, data_checksums): "
+            f"{type(error).__name__}: {error}"
+        ) from error
+    return record
+
+
+def publish_model(
+    model: nn.Module,
+    record: TrainingRecord,
+    test_images: np.ndarray,
+    repository: Path,
+    model_name: str = DEFAULT_MODEL_NAME,
+) -> ModelVersion:
+    """Export `model` once, then stamp, check, prove and write it as the next version."""
+    exported = export_onnx(model)
+    serving_model = ServingModel(model).eval()
+
+    def write_version(staging: Path, version: int) -> None:
+        metadata = ModelMetadata(
+            model_name=model_name,
+            model_version=version,
+            architecture=record.architecture,
+            hidden_units=record.hidden_units,
+            training_seed=record.seed,
+            training_data_checksums=record.data_checksums,
+            test_accuracy=record.test_accuracy,
+            created_at=record.created_at,
+        )
+        onnx_bytes = finalize(exported, metadata)
+        parity = check_parity(serving_model, onnx_bytes, test_images)
+        (staging / MODEL_FILE).write_bytes(onnx_bytes)
+        card = model_card(metadata, record, model, onnx_bytes, parity.as_dict())
+        write_json_atomically(staging / CARD_FILE, card)
+
+    return publish(repository, model_name, write_version)
+
+
+def model_card(
+    metadata: ModelMetadata,
+    record: TrainingRecord,
+    model: nn.Module,
+    onnx_bytes: bytes,
+    parity: Mapping[str, object],
+) -> dict:
+    """The `model.json` of a version (schema in the README)."""
+    return {
+        "schema_version": CARD_SCHEMA_VERSION,
+        "name": metadata.model_name,
+        "version": metadata.model_version,
+        "architecture": {
+            "name": record.architecture,
+            "hidden_units": record.hidden_units,
+            "parameters": sum(p.numel() for p in model.parameters()),
+        },
+        "created_at": record.created_at,
+        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "training": {
+            "run_dir": str(record.run_dir) if record.run_dir else None,
+            "seed": record.seed,
+            "data_checksums": dict(record.data_checksums),
+        },
+        "metrics": {"test": dict(record.test_metrics)},
+        "model_file": {
+            "name": MODEL_FILE,
+            "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
+            "bytes": len(onnx_bytes),
+        },
+        "onnx": {
+            "opset": OPSET_VERSION,
+            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 28, 28]}],
+            "outputs": [
+                {"name": PROBABILITY_OUTPUT, "datatype": "FP32", "shape": [-1]},
+                {"name": DIGIT_OUTPUT, "datatype": "INT64", "shape": [-1]},
+            ],
+            "batch_dimension": BATCH_DIMENSION,
+            "metadata": metadata.as_properties(),
+        },
+        "parity": dict(parity),
+        "libraries": {**exporting_versions(), "onnxruntime": onnxruntime.__version__},
+    }
