@@ -1,0 +1,200 @@
+"""Dynamic batching for one model version.
+
+Requests queue up; whenever no onnxruntime call is running for this model version, the
+queued requests (up to `max_batch_size` images) run as one call in a worker thread, so the
+event loop never blocks. An idle batcher starts at once, so a lone request pays no delay;
+under concurrency, what arrives while a call runs forms the next batch. With a positive
+`max_queue_delay` a batch that is not full also waits up to that long for company.
+
+A request larger than `max_batch_size` is split into chunks that queue like requests of
+their own. A request that is cancelled, or whose deadline passes, while queued is dropped
+before its batch is built. Each caller gets exactly its own rows, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from serving.errors import DeadlineExpired
+from serving.stats import InferenceStats
+
+Prediction = tuple[np.ndarray, np.ndarray]
+PredictFunction = Callable[[np.ndarray], Prediction]
+BatchListener = Callable[[int, float, float], None]
+
+
+@dataclass(slots=True)
+class _Queued:
+    images: np.ndarray
+    future: asyncio.Future[Prediction]
+    enqueued_ns: int
+    deadline: float | None
+
+
+class DynamicBatcher:
+    def __init__(
+        self,
+        predict: PredictFunction,
+        executor: Executor,
+        *,
+        max_batch_size: int,
+        max_queue_delay_s: float = 0.0,
+        stats: InferenceStats | None = None,
+        on_batch: BatchListener | None = None,
+    ) -> None:
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        self._predict = predict
+        self._executor = executor
+        self.max_batch_size = max_batch_size
+        self.max_queue_delay_s = max_queue_delay_s
+        self.stats = stats if stats is not None else InferenceStats()
+        self._on_batch = on_batch
+        self._queue: deque[_Queued] = deque()
+        self._queued_images = 0
+        self._running = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    @property
+    def queued_images(self) -> int:
+        return self._queued_images
+
+    async def infer(self, images: np.ndarray, deadline: float | None = None) -> Prediction:
+        """(probability, digit) for `images` (uint8 [N, 28, 28]). `deadline` is in
+        `loop.time()` terms; None for no deadline."""
+        count = len(images)
+        if count <= self.max_batch_size:
+            return await self._put(images, deadline)
+        futures = [
+            self._put(images[start : start + self.max_batch_size], deadline)
+            for start in range(0, count, self.max_batch_size)
+        ]
+        try:
+            parts = [await future for future in futures]
+        finally:
+            for future in futures:
+                future.cancel()
+        return (
+            np.concatenate([probability for probability, _ in parts]),
+            np.concatenate([digit for _, digit in parts]),
+        )
+
+    def _put(self, images: np.ndarray, deadline: float | None) -> asyncio.Future[Prediction]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Prediction] = loop.create_future()
+        self._queue.append(_Queued(images, future, time.perf_counter_ns(), deadline))
+        self._queued_images += len(images)
+        if not self._running:
+            self._schedule(loop)
+        return future
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start a batch now, or arm the timer that starts it when the oldest request has
+        waited max_queue_delay."""
+        if not self._queue:
+            return
+        if self.max_queue_delay_s <= 0 or self._queued_images >= self.max_batch_size:
+            self._launch(loop)
+            return
+        waited_s = (time.perf_counter_ns() - self._queue[0].enqueued_ns) / 1e9
+        if waited_s >= self.max_queue_delay_s:
+            self._launch(loop)
+        elif self._timer is None:
+            self._timer = loop.call_later(self.max_queue_delay_s - waited_s, self._on_timer, loop)
+
+    def _on_timer(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._timer = None
+        if not self._running:
+            self._launch(loop)
+
+    def _launch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        batch: list[_Queued] = []
+        batch_images = 0
+        now = loop.time()
+        while self._queue:
+            item = self._queue[0]
+            if batch and batch_images + len(item.images) > self.max_batch_size:
+                break
+            self._queue.popleft()
+            self._queued_images -= len(item.images)
+            if item.future.done():
+                continue  # cancelled while queued
+            if item.deadline is not None and now >= item.deadline:
+                item.future.set_exception(DeadlineExpired("deadline passed while queued"))
+                continue
+            batch.append(item)
+            batch_images += len(item.images)
+        if not batch:
+            return
+        self._running = True
+        start_ns = time.perf_counter_ns()
+        pending = loop.run_in_executor(
+            self._executor, _run_batch, self._predict, [item.images for item in batch]
+        )
+        pending.add_done_callback(partial(self._finish, loop, batch, start_ns))
+
+    def _finish(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        batch: list[_Queued],
+        start_ns: int,
+        pending: asyncio.Future[tuple[Prediction, int, int]],
+    ) -> None:
+        self._running = False
+        try:
+            error = pending.exception()
+        except asyncio.CancelledError as cancelled:
+            error = cancelled
+        if error is not None:
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        else:
+            self._deliver(batch, start_ns, *pending.result())
+        self._schedule(loop)
+
+    def _deliver(
+        self,
+        batch: list[_Queued],
+        start_ns: int,
+        prediction: Prediction,
+        input_ns: int,
+        infer_ns: int,
+    ) -> None:
+        output_start = time.perf_counter_ns()
+        probability, digit = prediction
+        offset = 0
+        for item in batch:
+            rows = len(item.images)
+            if not item.future.done():
+                item.future.set_result(
+                    (probability[offset : offset + rows], digit[offset : offset + rows])
+                )
+            offset += rows
+        output_ns = time.perf_counter_ns() - output_start
+        stats = self.stats
+        for item in batch:
+            stats.queue.add(start_ns - item.enqueued_ns)
+        stats.record_execution(offset, len(batch), input_ns, infer_ns, output_ns)
+        if self._on_batch is not None:
+            self._on_batch(offset, (start_ns - batch[0].enqueued_ns) / 1e9, infer_ns / 1e9)
+
+
+def _run_batch(predict: PredictFunction, parts: list[np.ndarray]) -> tuple[Prediction, int, int]:
+    """Runs in a worker thread: joins the parts, predicts, and times both steps."""
+    input_start = time.perf_counter_ns()
+    images = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    infer_start = time.perf_counter_ns()
+    prediction = predict(images)
+    return prediction, infer_start - input_start, time.perf_counter_ns() - infer_start

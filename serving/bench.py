@@ -1,0 +1,223 @@
+"""`make bench`: throughput and latency of the server under perf_analyzer.
+
+Runs the real server (a subprocess on a free loopback port) with dynamic batching off
+(`--max-batch-size 1`), on (the default), and on with a queue delay, and drives each with
+perf_analyzer (C++, so the load generator is not the bottleneck) at concurrency 1 and 16
+with 1 and 64 images per request. Figures move up to 40% between runs on a shared machine:
+compare the ratios printed from one run. Needs the `dev` extra (onnx, tritonclient).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SERVER_SETTINGS = {
+    "batching off": ["--max-batch-size", "1"],
+    "batching on": ["--max-batch-size", "64", "--max-queue-delay-us", "0"],
+    "batching + 500us delay": ["--max-batch-size", "64", "--max-queue-delay-us", "500"],
+}
+LOADS = [(1, 1), (16, 1), (1, 64), (16, 64)]
+
+
+def find_perf_analyzer() -> Path:
+    beside_python = Path(sys.executable).parent / "perf_analyzer"
+    if beside_python.exists():
+        return beside_python
+    found = shutil.which("perf_analyzer")
+    if not found:
+        raise FileNotFoundError("perf_analyzer not found (it comes with tritonclient 2.51)")
+    return Path(found)
+
+
+def perf_analyzer_env() -> dict[str, str]:
+    """The environment perf_analyzer needs: libcudart.so.12 from nvidia-cuda-runtime-cu12."""
+    env = dict(os.environ)
+    spec = importlib.util.find_spec("nvidia.cuda_runtime")
+    if spec and spec.submodule_search_locations:
+        library = Path(next(iter(spec.submodule_search_locations))) / "lib"
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            part for part in (str(library), env.get("LD_LIBRARY_PATH", "")) if part
+        )
+    return env
+
+
+def perf_analyzer_command(
+    target: str,
+    concurrency: int,
+    batch_size: int,
+    csv: Path | None = None,
+    measurement_ms: int = 1500,
+    model: str = "mnist37",
+) -> tuple[list[str], dict[str, str]]:
+    command = [
+        str(find_perf_analyzer()),
+        "-m",
+        model,
+        "-i",
+        "grpc",
+        "-u",
+        target,
+        "-b",
+        str(batch_size),
+        "--concurrency-range",
+        f"{concurrency}:{concurrency}",
+        "-p",
+        str(measurement_ms),
+        "--max-trials",
+        "6",
+        "-s",
+        "60",
+    ]
+    if csv is not None:
+        command += ["-f", str(csv)]
+    return command, perf_analyzer_env()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _start_server(repository: Path, extra: Sequence[str]) -> tuple[subprocess.Popen, str]:
+    import grpc
+
+    from serving.generated.inference import grpc_service_pb2 as pb
+    from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
+
+    port = _free_port()
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving.server",
+            "--repository",
+            str(repository),
+            "--host",
+            "127.0.0.1",
+            "--grpc-port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=REPO_ROOT,
+    )
+    target = f"127.0.0.1:{port}"
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for _ in range(300):
+            if process.poll() is not None:
+                raise RuntimeError(f"server exited with {process.returncode}")
+            try:
+                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
+                    return process, target
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def _measure(target: str, concurrency: int, batch: int, measurement_ms: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as scratch:
+        report = Path(scratch) / "perf.csv"
+        command, env = perf_analyzer_command(target, concurrency, batch, report, measurement_ms)
+        completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        if completed.returncode != 0 or not report.exists():
+            tail = (completed.stdout + completed.stderr)[-400:]
+            return {"error": 1.0, "message": tail}  # type: ignore[dict-item]
+        row = next(csv.DictReader(report.read_text().splitlines()))
+    return {
+        "requests_per_s": float(row["Inferences/Second"]) / batch,
+        "images_per_s": float(row["Inferences/Second"]),
+        "p50_us": float(row["p50 latency"]),
+        "p99_us": float(row["p99 latency"]),
+    }
+
+
+def _model_repository(directory: Path) -> Path:
+    from serving.idx import read_idx
+    from serving.synthetic import mean_difference_model, publish_model
+
+    data = REPO_ROOT / "training" / "data"
+    images = read_idx(data / "t10k-images-idx3-ubyte.gz")
+    labels = read_idx(data / "t10k-labels-idx1-ubyte.gz")
+    publish_model(directory, "mnist37", mean_difference_model(images, labels))
+    return directory
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m serving.bench", description=__doc__)
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        help="serve this repository's models "
+        "(default: a synthetic linear model in a temporary repository)",
+    )
+    parser.add_argument("--measurement-ms", type=int, default=2000)
+    parser.add_argument(
+        "--settings", nargs="*", choices=list(SERVER_SETTINGS), default=list(SERVER_SETTINGS)
+    )
+    args = parser.parse_args(argv)
+    results: dict[tuple[str, int, int], dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        repository = args.repository or _model_repository(Path(scratch))
+        print(
+            f"{'server':<24}{'conc':>5}{'batch':>6}{'req/s':>10}{'images/s':>11}"
+            f"{'p50 us':>9}{'p99 us':>9}"
+        )
+        for setting in args.settings:
+            process, target = _start_server(repository, SERVER_SETTINGS[setting])
+            try:
+                for concurrency, batch in LOADS:
+                    figures = _measure(target, concurrency, batch, args.measurement_ms)
+                    results[(setting, concurrency, batch)] = figures
+                    if "error" in figures:
+                        print(
+                            f"{setting:<24}{concurrency:>5}{batch:>6}  failed: {figures['message']}"
+                        )
+                        continue
+                    print(
+                        f"{setting:<24}{concurrency:>5}{batch:>6}"
+                        f"{figures['requests_per_s']:>10.0f}{figures['images_per_s']:>11.0f}"
+                        f"{figures['p50_us']:>9.0f}{figures['p99_us']:>9.0f}",
+                        flush=True,
+                    )
+            finally:
+                process.send_signal(signal.SIGTERM)
+                process.wait(timeout=60)
+    baseline = "batching off"
+    if baseline in args.settings:
+        print("\nimages/s relative to batching off (same run):")
+        for setting in args.settings:
+            if setting == baseline:
+                continue
+            ratios = []
+            for concurrency, batch in LOADS:
+                base = results.get((baseline, concurrency, batch), {})
+                other = results.get((setting, concurrency, batch), {})
+                if "images_per_s" in base and "images_per_s" in other:
+                    ratio = other["images_per_s"] / base["images_per_s"]
+                    ratios.append(f"c{concurrency}/b{batch} x{ratio:.2f}")
+            print(f"  {setting}: " + ", ".join(ratios))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The domain API servicer, `mnist37.v1.Classifier`: images in, digits and P(7) out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from serving.dataplane import DataPlane
+from serving.errors import InvalidInput, ServingError
+from serving.generated.mnist37.v1 import classifier_pb2 as pb
+from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
+from serving.imaging import pixels_to_image, png_to_image
+from serving.oip import abort, deadline_of
+from serving.repository import DEFAULT_MODEL_NAME
+from serving.runtime import IMAGE_SIDE
+
+
+def decode_images(images: list[pb.Image]) -> np.ndarray:
+    """The request's images as uint8 [N, 28, 28]; PNGs are converted the MNIST way."""
+    batch = np.empty((len(images), IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
+    for index, image in enumerate(images):
+        kind = image.WhichOneof("data")
+        if kind == "pixels":
+            batch[index] = pixels_to_image(image.pixels, index)
+        elif kind == "png":
+            batch[index] = png_to_image(image.png, index)
+        else:
+            raise InvalidInput(f"images[{index}]: set either pixels or png")
+    return batch
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, dataplane: DataPlane) -> None:
+        self.dataplane = dataplane
+
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        with self.dataplane.activity():
+            try:
+                model = self.dataplane.resolve(
+                    request.model_name or DEFAULT_MODEL_NAME, request.model_version
+                )
+                count = len(request.images)
+                if count > self.dataplane.max_request_images:
+                    raise InvalidInput(
+                        f"images: {count} images exceed the limit of "
+                        f"{self.dataplane.max_request_images} per request (--max-request-images)"
+                    )
+                if any(image.WhichOneof("data") == "png" for image in request.images):
+                    images = await asyncio.to_thread(decode_images, list(request.images))
+                else:
+                    images = decode_images(list(request.images))
+                result = await self.dataplane.infer(model, images, deadline_of(context))
+            except ServingError as error:
+                await abort(context, error)
+        prediction = pb.Prediction
+        name, version = result.model_name, result.model_version
+        return pb.ClassifyResponse(
+            predictions=[
+                prediction(
+                    digit=int(digit),
+                    probability_seven=float(probability),
+                    model_name=name,
+                    model_version=version,
+                )
+                for probability, digit in zip(
+                    result.probability.tolist(), result.digit.tolist(), strict=True
+                )
+            ]
+        )

@@ -1,0 +1,203 @@
+"""A small client for the mnist37 server, and `mnist37-client`.
+
+mnist37-client classify digit.png other.png          # PNGs, any size or mode
+mnist37-client classify t10k-images-idx3-ubyte.gz    # every image of an IDX file
+mnist37-client classify --check IMAGES_IDX --labels LABELS_IDX   # accuracy + latency
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from serving.codecs import decode_infer_response
+from serving.generated.inference import grpc_service_pb2 as oip_pb
+from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
+from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
+from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
+from serving.idx import IdxError, read_idx
+from serving.imaging import PNG_SIGNATURE
+from serving.repository import DEFAULT_MODEL_NAME
+from serving.runtime import IMAGE_SIDE, INPUT_NAME, OUTPUT_DIGIT
+
+DEFAULT_SERVER = "127.0.0.1:8001"
+CHECK_BATCH = 256
+
+
+@dataclass(frozen=True)
+class Prediction:
+    digit: int
+    probability_seven: float
+    model_name: str
+    model_version: str
+
+
+class Mnist37Client:
+    """Blocking client for both APIs. Use as a context manager or call `close()`."""
+
+    def __init__(self, target: str = DEFAULT_SERVER, timeout: float = 30.0) -> None:
+        self.channel = grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+                ("grpc.max_send_message_length", 64 * 1024 * 1024),
+            ],
+        )
+        self.timeout = timeout
+        self.classifier = classifier_grpc.ClassifierStub(self.channel)
+        self.inference = oip_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def __enter__(self) -> Mnist37Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def classify(
+        self,
+        images: Sequence[bytes | np.ndarray],
+        model_name: str = "",
+        model_version: str = "",
+    ) -> list[Prediction]:
+        """Classify images given as PNG bytes, 784 raw bytes or uint8 [28, 28] arrays."""
+        request = classifier_pb.ClassifyRequest(model_name=model_name, model_version=model_version)
+        for image in images:
+            if isinstance(image, np.ndarray):
+                request.images.add(pixels=np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+            elif image.startswith(PNG_SIGNATURE):
+                request.images.add(png=image)
+            else:
+                request.images.add(pixels=image)
+        response = self.classifier.Classify(request, timeout=self.timeout)
+        return [
+            Prediction(p.digit, p.probability_seven, p.model_name, p.model_version)
+            for p in response.predictions
+        ]
+
+    def infer(
+        self,
+        images: np.ndarray,
+        model_name: str = DEFAULT_MODEL_NAME,
+        model_version: str = "",
+        outputs: Sequence[str] = (),
+        raw: bool = True,
+        request_id: str = "",
+    ) -> dict[str, np.ndarray]:
+        """ModelInfer on uint8 [N, 28, 28]; returns the outputs by name."""
+        request = oip_pb.ModelInferRequest(
+            model_name=model_name, model_version=model_version, id=request_id
+        )
+        tensor = request.inputs.add(name=INPUT_NAME, datatype="UINT8", shape=images.shape)
+        if raw:
+            request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
+        else:
+            tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
+        for name in outputs:
+            request.outputs.add(name=name)
+        response = self.inference.ModelInfer(request, timeout=self.timeout)
+        return decode_infer_response(response)
+
+
+def _load_images(path: Path) -> list[bytes | np.ndarray]:
+    data = path.read_bytes()
+    if data.startswith(PNG_SIGNATURE):
+        return [data]
+    images = read_idx(path)
+    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
+        raise IdxError(f"{path}: shape {images.shape} is not [N, 28, 28]")
+    return list(images.astype(np.uint8))
+
+
+def _classify_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
+    for path in files:
+        images = _load_images(path)
+        for start in range(0, len(images), CHECK_BATCH):
+            chunk = images[start : start + CHECK_BATCH]
+            predictions = client.classify(chunk, args.model, args.model_version)
+            for offset, prediction in enumerate(predictions):
+                label = path.name if len(images) == 1 else f"{path.name}[{start + offset}]"
+                print(
+                    f"{label}\tdigit={prediction.digit}\tP(7)={prediction.probability_seven:.4f}"
+                    f"\tmodel={prediction.model_name}/{prediction.model_version}"
+                )
+    return 0
+
+
+def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) -> int:
+    images = read_idx(images_path).astype(np.uint8)
+    labels = read_idx(labels_path).astype(np.int64)
+    if len(images) != len(labels):
+        raise IdxError(f"{len(images)} images but {len(labels)} labels")
+    digits = np.empty(len(images), dtype=np.int64)
+    latencies = []
+    model = args.model or DEFAULT_MODEL_NAME
+    start_all = time.perf_counter()
+    for start in range(0, len(images), CHECK_BATCH):
+        chunk = images[start : start + CHECK_BATCH]
+        begin = time.perf_counter()
+        outputs = client.infer(chunk, model, args.model_version, outputs=[OUTPUT_DIGIT])
+        latencies.append(time.perf_counter() - begin)
+        digits[start : start + len(chunk)] = outputs[OUTPUT_DIGIT]
+    elapsed = time.perf_counter() - start_all
+    correct = int((digits == labels).sum())
+    latency_ms = np.array(latencies) * 1000
+    print(f"accuracy {correct / len(labels):.6f} ({correct}/{len(labels)})")
+    print(
+        f"requests {len(latencies)} of up to {CHECK_BATCH} images: "
+        f"p50 {np.percentile(latency_ms, 50):.2f} ms, p99 {np.percentile(latency_ms, 99):.2f} ms, "
+        f"{len(images) / elapsed:.0f} images/s"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist37-client", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--server",
+        default=os.environ.get("MNIST37_SERVER", DEFAULT_SERVER),
+        help=f"host:port of the gRPC server [MNIST37_SERVER; default {DEFAULT_SERVER}]",
+    )
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    commands = parser.add_subparsers(dest="command", required=True)
+    classify = commands.add_parser("classify", help="classify PNG or IDX files")
+    classify.add_argument("files", nargs="*", type=Path, help="PNG files or IDX image files")
+    classify.add_argument("--model", default="", help=f"model name (default {DEFAULT_MODEL_NAME})")
+    classify.add_argument("--model-version", default="", help="version (default: newest)")
+    classify.add_argument("--check", type=Path, metavar="IMAGES_IDX", help="accuracy mode")
+    classify.add_argument("--labels", type=Path, metavar="LABELS_IDX", help="labels for --check")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.check and not args.labels:
+        parser.error("--check needs --labels")
+    if not args.check and not args.files:
+        parser.error("classify needs FILE... or --check IMAGES_IDX --labels LABELS_IDX")
+    try:
+        with Mnist37Client(args.server, args.timeout) as client:
+            if args.check:
+                return _check(client, args.check, args.labels, args)
+            return _classify_files(client, args.files, args)
+    except grpc.RpcError as error:
+        print(f"mnist37-client: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except (OSError, IdxError) as error:
+        print(f"mnist37-client: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Open Inference Protocol tensors <-> numpy, with every check made before inference.
+
+Requests carry the `images` tensor either typed (`inputs[0].contents.uint_contents`) or
+raw (`raw_input_contents[0]`, never both). Responses are raw when the request was raw
+(tritonclient decodes only raw outputs) and typed otherwise.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import InvalidInput
+from serving.generated.inference import grpc_service_pb2 as pb
+from serving.runtime import (
+    IMAGE_SIDE,
+    INPUT_NAME,
+    OUTPUT_DIGIT,
+    OUTPUT_NAMES,
+    OUTPUT_PROBABILITY,
+    PIXELS,
+)
+
+INPUT_DATATYPE = "UINT8"
+OUTPUT_DATATYPES = {OUTPUT_PROBABILITY: "FP32", OUTPUT_DIGIT: "INT64"}
+_CONTENT_FIELDS = (
+    "bool_contents",
+    "int_contents",
+    "int64_contents",
+    "uint_contents",
+    "uint64_contents",
+    "fp32_contents",
+    "fp64_contents",
+    "bytes_contents",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedRequest:
+    images: np.ndarray
+    raw: bool
+    outputs: tuple[str, ...]
+
+
+def decode_infer_request(request: pb.ModelInferRequest, max_images: int) -> DecodedRequest:
+    """The request's images as uint8 [N, 28, 28], or InvalidInput naming the bad field."""
+    inputs = request.inputs
+    if len(inputs) != 1:
+        raise InvalidInput(
+            f"inputs: expected exactly one input tensor named {INPUT_NAME!r}, got {len(inputs)}"
+        )
+    tensor = inputs[0]
+    if tensor.name != INPUT_NAME:
+        raise InvalidInput(
+            f"inputs[0].name: unknown input {tensor.name!r}, expected {INPUT_NAME!r}"
+        )
+    if tensor.datatype != INPUT_DATATYPE:
+        raise InvalidInput(
+            f"inputs[0].datatype: {tensor.datatype!r} is not accepted, expected {INPUT_DATATYPE!r}"
+        )
+    shape = list(tensor.shape)
+    if len(shape) != 3 or shape[1:] != [IMAGE_SIDE, IMAGE_SIDE] or shape[0] < 0:
+        raise InvalidInput(f"inputs[0].shape: {shape} is not [N, 28, 28]")
+    count = shape[0]
+    if count > max_images:
+        raise InvalidInput(
+            f"inputs[0].shape: {count} images exceed the limit of {max_images} per request "
+            "(--max-request-images)"
+        )
+    has_contents = tensor.HasField("contents")
+    raw_contents = request.raw_input_contents
+    if raw_contents:
+        if has_contents:
+            raise InvalidInput(
+                "inputs[0].contents: must be empty when raw_input_contents is used (not both)"
+            )
+        if len(raw_contents) != 1:
+            raise InvalidInput(
+                f"raw_input_contents: expected one entry per input (1), got {len(raw_contents)}"
+            )
+        data = raw_contents[0]
+        expected = count * PIXELS
+        if len(data) != expected:
+            raise InvalidInput(
+                f"raw_input_contents[0]: {len(data)} bytes, expected {expected} "
+                f"for shape {shape} of {INPUT_DATATYPE}"
+            )
+        images = np.frombuffer(data, dtype=np.uint8).reshape(count, IMAGE_SIDE, IMAGE_SIDE)
+        return DecodedRequest(images, True, _requested_outputs(request))
+    images = _decode_typed(tensor, count, shape)
+    return DecodedRequest(images, False, _requested_outputs(request))
+
+
+def _decode_typed(
+    tensor: pb.ModelInferRequest.InferInputTensor, count: int, shape: list[int]
+) -> np.ndarray:
+    contents = tensor.contents
+    for field_name in _CONTENT_FIELDS:
+        if field_name != "uint_contents" and len(getattr(contents, field_name)):
+            raise InvalidInput(
+                f"inputs[0].contents.{field_name}: {INPUT_DATATYPE} data goes in uint_contents"
+            )
+    values = contents.uint_contents
+    expected = count * PIXELS
+    if len(values) != expected:
+        raise InvalidInput(
+            f"inputs[0].contents.uint_contents: {len(values)} elements, expected {expected} "
+            f"for shape {shape}"
+        )
+    wide = np.array(values, dtype=np.uint32)
+    if expected and int(wide.max()) > 255:
+        raise InvalidInput("inputs[0].contents.uint_contents: values above 255 do not fit UINT8")
+    return wide.astype(np.uint8).reshape(count, IMAGE_SIDE, IMAGE_SIDE)
+
+
+def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
+    if not request.outputs:
+        return OUTPUT_NAMES
+    names = []
+    for index, output in enumerate(request.outputs):
+        if output.name not in OUTPUT_DATATYPES:
+            raise InvalidInput(
+                f"outputs[{index}].name: unknown output {output.name!r}, "
+                f"expected one of {list(OUTPUT_NAMES)}"
+            )
+        names.append(output.name)
+    return tuple(names)
+
+
+def encode_infer_response(
+    response: pb.ModelInferResponse,
+    outputs: tuple[str, ...],
+    probability: np.ndarray,
+    digit: np.ndarray,
+    raw: bool,
+) -> pb.ModelInferResponse:
+    """Fill `response.outputs` (and `raw_output_contents` when raw) with the requested outputs."""
+    count = len(probability)
+    for name in outputs:
+        values = probability if name == OUTPUT_PROBABILITY else digit
+        tensor = response.outputs.add(name=name, datatype=OUTPUT_DATATYPES[name], shape=(count,))
+        if raw:
+            response.raw_output_contents.append(
+                values.astype("<f4" if name == OUTPUT_PROBABILITY else "<i8", copy=False).tobytes()
+            )
+        elif name == OUTPUT_PROBABILITY:
+            tensor.contents.fp32_contents.extend(values.tolist())
+        else:
+            tensor.contents.int64_contents.extend(values.tolist())
+    return response
+
+
+def decode_infer_response(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    """The response's outputs by name, raw or typed (used by our client and tests)."""
+    decoded = {}
+    for index, tensor in enumerate(response.outputs):
+        dtype = np.float32 if tensor.datatype == "FP32" else np.int64
+        if response.raw_output_contents:
+            values = np.frombuffer(response.raw_output_contents[index], dtype=dtype)
+        elif tensor.datatype == "FP32":
+            values = np.array(tensor.contents.fp32_contents, dtype=np.float32)
+        else:
+            values = np.array(tensor.contents.int64_contents, dtype=np.int64)
+        decoded[tensor.name] = values.reshape(tuple(tensor.shape))
+    return decoded

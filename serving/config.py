@@ -1,0 +1,145 @@
+"""Every server setting in one place: a dataclass, its command-line flags and their
+environment variables (`--grpc-port` <-> `MNIST37_GRPC_PORT`). A flag beats its variable,
+which beats the default."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+ENV_PREFIX = "MNIST37_"
+DEVICES = ("cpu", "cuda", "auto")
+GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    repository: Path = Path("model_repository")
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    device: str = "cpu"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+    max_batch_size: int = 64
+    max_queue_delay_us: int = 0
+    max_request_images: int = 4096
+    inference_threads: int = 2
+    shutdown_timeout: float = 30.0
+    drain_quiet_period: float = 0.2
+    log_level: str = "info"
+
+    @property
+    def grpc_address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.grpc_port}"
+
+
+_HELP = {
+    "repository": "model repository directory (<repo>/<model>/<version>/model.onnx)",
+    "host": "address to listen on",
+    "grpc_port": "gRPC port (Open Inference Protocol, Classifier, health, reflection)",
+    "metrics_port": "Prometheus metrics HTTP port; 0 turns metrics off",
+    "device": "onnxruntime execution provider: cpu, cuda (refuse to start without it) or auto",
+    "intra_op_threads": "onnxruntime threads inside one operator (0: onnxruntime decides)",
+    "inter_op_threads": "onnxruntime threads across operators (0: onnxruntime decides)",
+    "graph_optimization": "onnxruntime graph optimisation level",
+    "max_batch_size": "most images the dynamic batcher puts into one onnxruntime call; "
+    "1 turns batching off",
+    "max_queue_delay_us": "most microseconds a request waits for others to join its batch "
+    "(0: run at once when idle, batch only what queues up meanwhile)",
+    "max_request_images": "most images one request may carry (larger ones: INVALID_ARGUMENT)",
+    "inference_threads": "threads that run onnxruntime calls off the event loop",
+    "shutdown_timeout": "seconds a SIGTERM/SIGINT drain may take before stopping anyway",
+    "drain_quiet_period": "seconds without a request in flight that end a drain",
+    "log_level": "logging level",
+}
+
+_CHOICES: Mapping[str, Sequence[str]] = {
+    "device": DEVICES,
+    "graph_optimization": GRAPH_OPTIMIZATIONS,
+    "log_level": LOG_LEVELS,
+}
+
+_POSITIVE = {"max_batch_size", "max_request_images", "inference_threads"}
+_NON_NEGATIVE = {
+    "grpc_port",
+    "metrics_port",
+    "intra_op_threads",
+    "inter_op_threads",
+    "max_queue_delay_us",
+    "shutdown_timeout",
+    "drain_quiet_period",
+}
+
+
+def env_var(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def build_parser(prog: str = "mnist37-serve") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve the repository's ONNX 3-vs-7 models over gRPC.",
+        epilog="Every flag can also be set by its environment variable, shown in brackets.",
+    )
+    defaults = ServerConfig()
+    for field in fields(ServerConfig):
+        default = getattr(defaults, field.name)
+        kind = type(default)
+        parser.add_argument(
+            flag(field.name),
+            dest=field.name,
+            type=_checked(field.name, kind),
+            choices=_CHOICES.get(field.name),
+            default=None,
+            help=f"{_HELP[field.name]} [{env_var(field.name)}; default {default}]",
+        )
+    return parser
+
+
+def _checked(name: str, kind: type) -> object:
+    def convert(text: str) -> object:
+        value = kind(text)
+        if name in _POSITIVE and value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        if name in _NON_NEGATIVE and value < 0:
+            raise argparse.ArgumentTypeError(f"must not be negative, got {text}")
+        return value
+
+    convert.__name__ = kind.__name__
+    return convert
+
+
+def load_config(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> ServerConfig:
+    """The configuration from flags, then environment variables, then defaults."""
+    parser = build_parser()
+    arguments = parser.parse_args(argv)
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = {}
+    defaults = ServerConfig()
+    for field in fields(ServerConfig):
+        value = getattr(arguments, field.name)
+        if value is None and env_var(field.name) in environ:
+            text = environ[env_var(field.name)]
+            try:
+                value = _checked(field.name, type(getattr(defaults, field.name)))(text)
+            except (ValueError, argparse.ArgumentTypeError) as error:
+                parser.error(f"{env_var(field.name)}={text!r}: {error}")
+            choices = _CHOICES.get(field.name)
+            if choices and value not in choices:
+                parser.error(f"{env_var(field.name)}={text!r}: choose from {', '.join(choices)}")
+        if value is not None:
+            values[field.name] = value
+    return ServerConfig(**values)

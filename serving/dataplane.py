@@ -1,0 +1,96 @@
+"""The protocol-free core: resolve a model, batch-infer images, account for the request.
+
+Both gRPC APIs (Open Inference Protocol and mnist37.v1.Classifier) call `DataPlane.infer`
+with plain numpy data and get plain results or a typed `ServingError` back.
+"""
+
+from __future__ import annotations
+
+import time
+from asyncio import CancelledError as _Cancelled
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+
+from serving.errors import InvalidInput, ServerNotReady, ServingError
+from serving.models import LoadedModel, ModelRegistry
+from serving.stats import InferenceObserver, NullObserver
+
+_EMPTY_PROBABILITY = np.zeros(0, dtype=np.float32)
+_EMPTY_DIGIT = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class InferenceResult:
+    model_name: str
+    model_version: str
+    probability: np.ndarray
+    digit: np.ndarray
+
+
+class DataPlane:
+    def __init__(
+        self,
+        registry: ModelRegistry,
+        max_request_images: int,
+        observer: InferenceObserver | None = None,
+    ) -> None:
+        self.registry = registry
+        self.max_request_images = max_request_images
+        self.observer: InferenceObserver = observer or NullObserver()
+        self.in_flight = 0
+        self.accepting = True
+
+    @contextmanager
+    def activity(self) -> Iterator[None]:
+        """Counts a request as in flight (a graceful drain waits for zero) for its whole
+        handling, decoding included."""
+        self.in_flight += 1
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def resolve(self, name: str, version: str = "") -> LoadedModel:
+        return self.registry.resolve(name, version)
+
+    async def infer(
+        self, model: LoadedModel, images: np.ndarray, deadline: float | None = None
+    ) -> InferenceResult:
+        """Predictions for uint8 [N, 28, 28] images from an already resolved model."""
+        if not self.accepting:
+            raise ServerNotReady("the server is shutting down")
+        if len(images) > self.max_request_images:
+            raise InvalidInput(
+                f"images: {len(images)} images exceed the limit of {self.max_request_images} "
+                "per request (--max-request-images)"
+            )
+        start_ns = time.perf_counter_ns()
+        model.request_started()
+        outcome = "success"
+        try:
+            if len(images):
+                probability, digit = await model.batcher.infer(images, deadline)
+            else:
+                probability, digit = _EMPTY_PROBABILITY, _EMPTY_DIGIT
+            return InferenceResult(model.name, model.version_label, probability, digit)
+        except ServingError as error:
+            outcome = error.kind
+            raise
+        except BaseException as error:
+            outcome = "cancelled" if isinstance(error, _Cancelled) else "internal"
+            raise
+        finally:
+            model.request_finished()
+            elapsed_ns = time.perf_counter_ns() - start_ns
+            (model.stats.success if outcome == "success" else model.stats.fail).add(elapsed_ns)
+            self.observer.request_finished(
+                model.name, model.version_label, outcome, elapsed_ns / 1e9
+            )
+
+    def record_rejected(self, model: LoadedModel, error: ServingError) -> None:
+        """Account for a request refused before inference (e.g. a malformed tensor)."""
+        model.stats.fail.add(0)
+        self.observer.request_finished(model.name, model.version_label, error.kind, 0.0)

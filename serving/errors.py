@@ -1,0 +1,33 @@
+"""Typed errors of the serving core; the protocol layer maps each to a gRPC status code."""
+
+from __future__ import annotations
+
+
+class ServingError(Exception):
+    """Base class; the message names the offending field where there is one."""
+
+    kind = "internal"
+
+
+class ModelNotFound(ServingError):
+    """No loaded model matches the requested name (and version)."""
+
+    kind = "not_found"
+
+
+class InvalidInput(ServingError):
+    """The request is malformed: wrong name, datatype, shape, size or content."""
+
+    kind = "invalid_argument"
+
+
+class ServerNotReady(ServingError):
+    """The server is starting or stopping and cannot take the request."""
+
+    kind = "unavailable"
+
+
+class DeadlineExpired(ServingError):
+    """The request's deadline passed while it waited in the queue."""
+
+    kind = "deadline_exceeded"

@@ -1,0 +1,187 @@
+"""The loaded model versions, keyed by (name, version).
+
+The registry holds one immutable mapping and replaces it whole (`swap`), so a request sees
+either the old set of models or the new one. A reload builds new `LoadedModel`s off to the
+side, swaps them in, then retires the ones that left once their in-flight requests finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+from serving.batcher import BatchListener, DynamicBatcher
+from serving.errors import ModelNotFound
+from serving.repository import ModelVersion, RepositoryError, latest_version, list_models
+from serving.runtime import DeviceUnavailable, ModelLoadError, ModelRuntime, RuntimeOptions
+from serving.stats import InferenceStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 64
+    max_queue_delay_s: float = 0.0
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    name: str
+    version: int
+    path: Path
+    runtime: ModelRuntime
+    batcher: DynamicBatcher
+    card: Mapping[str, object]
+    stats: InferenceStats
+    in_flight: int = 0
+    _idle: asyncio.Event | None = field(default=None, repr=False)
+
+    @property
+    def version_label(self) -> str:
+        return str(self.version)
+
+    @property
+    def provider(self) -> str:
+        return self.runtime.provider
+
+    def request_started(self) -> None:
+        self.in_flight += 1
+
+    def request_finished(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0 and self._idle is not None:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Returns once no request is using this model version."""
+        while self.in_flight:
+            self._idle = asyncio.Event()
+            await self._idle.wait()
+
+
+ModelMap = Mapping[str, Mapping[int, LoadedModel]]
+
+
+class ModelRegistry:
+    def __init__(self) -> None:
+        self._models: ModelMap = MappingProxyType({})
+
+    def swap(self, models: Iterable[LoadedModel]) -> list[LoadedModel]:
+        """Serve exactly `models` from now on; returns the entries that left."""
+        grouped: dict[str, dict[int, LoadedModel]] = {}
+        for model in models:
+            grouped.setdefault(model.name, {})[model.version] = model
+        new = MappingProxyType(
+            {
+                name: MappingProxyType(dict(sorted(versions.items())))
+                for name, versions in sorted(grouped.items())
+            }
+        )
+        kept = {id(model) for versions in new.values() for model in versions.values()}
+        left = [model for model in self.all() if id(model) not in kept]
+        self._models = new
+        return left
+
+    def all(self) -> list[LoadedModel]:
+        return [model for versions in self._models.values() for model in versions.values()]
+
+    def names(self) -> list[str]:
+        return list(self._models)
+
+    def versions(self, name: str) -> list[LoadedModel]:
+        return list(self._models.get(name, {}).values())
+
+    def resolve(self, name: str, version: str = "") -> LoadedModel:
+        """The loaded model `name` at `version`; the newest loaded one if version is ''."""
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {self.names()})")
+        if not version:
+            return versions[next(reversed(versions))]
+        if not version.isdigit() or int(version) not in versions:
+            raise ModelNotFound(
+                f"model {name!r} has no loaded version {version!r} "
+                f"(loaded: {[str(number) for number in versions]})"
+            )
+        return versions[int(version)]
+
+    def is_ready(self) -> bool:
+        return bool(self._models)
+
+
+def load_model_version(
+    model_version: ModelVersion,
+    runtime_options: RuntimeOptions,
+    batching: BatchingOptions,
+    executor: Executor,
+    on_batch: BatchListener | None = None,
+) -> LoadedModel:
+    """Load, check and warm up one version (blocking: call it off the event loop)."""
+    runtime = ModelRuntime(model_version.model_path, runtime_options)
+    try:
+        card = model_version.read_card()
+    except RepositoryError as error:
+        log.warning("%s", error)
+        card = {}
+    stats = InferenceStats()
+    batcher = DynamicBatcher(
+        runtime.predict,
+        executor,
+        max_batch_size=batching.max_batch_size,
+        max_queue_delay_s=batching.max_queue_delay_s,
+        stats=stats,
+        on_batch=on_batch,
+    )
+    log.info(
+        "loaded model %s version %d from %s on %s",
+        model_version.name,
+        model_version.version,
+        model_version.path,
+        runtime.provider,
+    )
+    return LoadedModel(
+        name=model_version.name,
+        version=model_version.version,
+        path=model_version.path,
+        runtime=runtime,
+        batcher=batcher,
+        card=card,
+        stats=stats,
+    )
+
+
+def latest_versions(repository: Path) -> list[ModelVersion]:
+    """The newest published version of every model in the repository."""
+    found = (latest_version(repository, name) for name in list_models(repository))
+    return [version for version in found if version is not None]
+
+
+def load_latest(
+    repository: Path,
+    runtime_options: RuntimeOptions,
+    batching: BatchingOptions,
+    executor: Executor,
+    listener_for: Callable[[ModelVersion], BatchListener] | None = None,
+) -> list[LoadedModel]:
+    """Load the newest version of every model. A device problem stops everything; a broken
+    model version is logged and skipped so the others are still served."""
+    loaded = []
+    for model_version in latest_versions(repository):
+        on_batch = listener_for(model_version) if listener_for else None
+        try:
+            loaded.append(
+                load_model_version(model_version, runtime_options, batching, executor, on_batch)
+            )
+        except DeviceUnavailable:
+            raise
+        except (ModelLoadError, Exception) as error:  # onnxruntime has its own error types
+            log.error(
+                "not serving %s version %d: %s", model_version.name, model_version.version, error
+            )
+    return loaded

@@ -1,0 +1,268 @@
+"""The Open Inference Protocol servicer (`inference.GRPCInferenceService`), with Triton's
+ModelConfig, ModelStatistics and RepositoryIndex. Each RPC: protobuf -> plain values ->
+data plane -> protobuf."""
+
+from __future__ import annotations
+
+import asyncio
+from importlib import metadata
+from pathlib import Path
+from typing import NoReturn
+
+import grpc
+
+from serving.codecs import (
+    INPUT_DATATYPE,
+    OUTPUT_DATATYPES,
+    decode_infer_request,
+    encode_infer_response,
+)
+from serving.dataplane import DataPlane
+from serving.errors import (
+    DeadlineExpired,
+    InvalidInput,
+    ModelNotFound,
+    ServerNotReady,
+    ServingError,
+)
+from serving.generated.inference import grpc_service_pb2 as pb
+from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from serving.generated.inference import model_config_pb2 as config_pb
+from serving.models import LoadedModel
+from serving.repository import list_models, list_versions
+from serving.runtime import CUDA_PROVIDER, IMAGE_SIDE, INPUT_NAME, OUTPUT_NAMES
+from serving.stats import Duration
+
+SERVER_NAME = "mnist37"
+PLATFORM = "onnxruntime_onnx"
+EXTENSIONS = ("model_configuration", "statistics", "model_repository")
+
+_STATUS = {
+    ModelNotFound: grpc.StatusCode.NOT_FOUND,
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    ServerNotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+_CONFIG_TYPES = {
+    "UINT8": config_pb.TYPE_UINT8,
+    "FP32": config_pb.TYPE_FP32,
+    "INT64": config_pb.TYPE_INT64,
+}
+
+
+async def abort(context: grpc.aio.ServicerContext, error: ServingError) -> NoReturn:
+    await context.abort(_STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error))
+    raise AssertionError("unreachable: abort raises")
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    """The RPC's deadline in event-loop time, or None."""
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return asyncio.get_running_loop().time() + remaining
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("mnist37")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, dataplane: DataPlane, repository: Path, max_queue_delay_us: int) -> None:
+        self.dataplane = dataplane
+        self.registry = dataplane.registry
+        self.repository = repository
+        self.max_queue_delay_us = max_queue_delay_us
+        self._version = server_version()
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.dataplane.accepting and self.registry.is_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
+        try:
+            self.registry.resolve(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=self.dataplane.accepting)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
+        )
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context
+    ) -> pb.ModelMetadataResponse:
+        model = await self._resolve(request.name, request.version, context)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=model.name,
+            versions=[loaded.version_label for loaded in self.registry.versions(model.name)],
+            platform=PLATFORM,
+            inputs=[
+                tensor(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[-1, IMAGE_SIDE, IMAGE_SIDE])
+            ],
+            outputs=[
+                tensor(name=name, datatype=OUTPUT_DATATYPES[name], shape=[-1])
+                for name in OUTPUT_NAMES
+            ],
+        )
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        with self.dataplane.activity():
+            model = await self._resolve(request.model_name, request.model_version, context)
+            try:
+                decoded = decode_infer_request(request, self.dataplane.max_request_images)
+            except InvalidInput as error:
+                self.dataplane.record_rejected(model, error)
+                await abort(context, error)
+            try:
+                result = await self.dataplane.infer(model, decoded.images, deadline_of(context))
+            except ServingError as error:
+                await abort(context, error)
+        response = pb.ModelInferResponse(
+            model_name=result.model_name, model_version=result.model_version, id=request.id
+        )
+        return encode_infer_response(
+            response, decoded.outputs, result.probability, result.digit, decoded.raw
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
+        model = await self._resolve(request.name, request.version, context)
+        return pb.ModelConfigResponse(config=self._model_config(model))
+
+    def _model_config(self, model: LoadedModel) -> config_pb.ModelConfig:
+        image_dims = [IMAGE_SIDE, IMAGE_SIDE]
+        on_gpu = model.provider == CUDA_PROVIDER
+        config = config_pb.ModelConfig(
+            name=model.name,
+            platform=PLATFORM,
+            backend="onnxruntime",
+            max_batch_size=self.dataplane.max_request_images,
+            input=[
+                config_pb.ModelInput(
+                    name=INPUT_NAME, data_type=_CONFIG_TYPES[INPUT_DATATYPE], dims=image_dims
+                )
+            ],
+            output=[
+                # Triton's way of declaring a per-image scalar: dims [1], reshaped to [].
+                config_pb.ModelOutput(
+                    name=name,
+                    data_type=_CONFIG_TYPES[OUTPUT_DATATYPES[name]],
+                    dims=[1],
+                    reshape=config_pb.ModelTensorReshape(shape=[]),
+                )
+                for name in OUTPUT_NAMES
+            ],
+            instance_group=[
+                config_pb.ModelInstanceGroup(
+                    name=model.name,
+                    count=1,
+                    kind=config_pb.ModelInstanceGroup.KIND_GPU
+                    if on_gpu
+                    else config_pb.ModelInstanceGroup.KIND_CPU,
+                )
+            ],
+            default_model_filename="model.onnx",
+            parameters={
+                "execution_provider": config_pb.ModelParameter(string_value=model.provider),
+                "max_batch_size_per_execution": config_pb.ModelParameter(
+                    string_value=str(model.batcher.max_batch_size)
+                ),
+            },
+        )
+        config.version_policy.latest.num_versions = 1
+        if model.batcher.max_batch_size > 1:
+            config.dynamic_batching.preferred_batch_size.append(model.batcher.max_batch_size)
+            config.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us
+            config.dynamic_batching.preserve_ordering = True
+        return config
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context
+    ) -> pb.ModelStatisticsResponse:
+        if request.name:
+            if request.version:
+                models = [await self._resolve(request.name, request.version, context)]
+            else:
+                models = self.registry.versions(request.name)
+                if not models:
+                    await abort(context, ModelNotFound(f"model {request.name!r} is not loaded"))
+        else:
+            models = self.registry.all()
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(model) for model in models])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context
+    ) -> pb.RepositoryIndexResponse:
+        on_disk = await asyncio.to_thread(_scan_repository, self.repository)
+        loaded = {(model.name, model.version) for model in self.registry.all()}
+        index = pb.RepositoryIndexResponse.ModelIndex
+        entries = []
+        for name, versions in on_disk:
+            for version in versions:
+                ready = (name, version) in loaded
+                if request.ready and not ready:
+                    continue
+                entries.append(
+                    index(
+                        name=name,
+                        version=str(version),
+                        state="READY" if ready else "UNAVAILABLE",
+                        reason="" if ready else "not loaded: the server serves the newest version",
+                    )
+                )
+        return pb.RepositoryIndexResponse(models=entries)
+
+    async def _resolve(self, name: str, version: str, context) -> LoadedModel:
+        try:
+            return self.registry.resolve(name, version)
+        except ModelNotFound as error:
+            await abort(context, error)
+
+
+def _scan_repository(repository: Path) -> list[tuple[str, list[int]]]:
+    return [
+        (name, [entry.version for entry in list_versions(repository, name)])
+        for name in list_models(repository)
+    ]
+
+
+def _duration(duration: Duration) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=duration.count, ns=duration.ns)
+
+
+def _statistics(model: LoadedModel) -> pb.ModelStatistics:
+    stats = model.stats
+    return pb.ModelStatistics(
+        name=model.name,
+        version=model.version_label,
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(stats.success),
+            fail=_duration(stats.fail),
+            queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute_input),
+            compute_infer=_duration(stats.compute_infer),
+            compute_output=_duration(stats.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(batch.compute_input),
+                compute_infer=_duration(batch.compute_infer),
+                compute_output=_duration(batch.compute_output),
+            )
+            for size, batch in sorted(stats.batches.items())
+        ],
+    )

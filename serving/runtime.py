@@ -1,0 +1,139 @@
+"""One onnxruntime session per model version, checked against the model contract.
+
+Contract: input `images` UINT8 [N, 28, 28] (N dynamic); outputs `probability` FLOAT [N]
+(P(7)) and `digit` INT64 [N].
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger(__name__)
+
+INPUT_NAME = "images"
+IMAGE_SIDE = 28
+PIXELS = IMAGE_SIDE * IMAGE_SIDE
+OUTPUT_PROBABILITY = "probability"
+OUTPUT_DIGIT = "digit"
+OUTPUT_NAMES = (OUTPUT_PROBABILITY, OUTPUT_DIGIT)
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
+
+_GRAPH_OPTIMIZATION = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+class ModelLoadError(Exception):
+    """A model version cannot be loaded."""
+
+
+class DeviceUnavailable(ModelLoadError):
+    """The requested execution provider cannot be used here."""
+
+
+class ContractViolation(ModelLoadError):
+    """The ONNX model does not have the contract's inputs and outputs."""
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "cpu"
+    intra_op_threads: int = 1
+    inter_op_threads: int = 1
+    graph_optimization: str = "all"
+
+
+def cuda_usable() -> bool:
+    return CUDA_PROVIDER in ort.get_available_providers()
+
+
+def requested_providers(device: str) -> list[str]:
+    """The provider list for a --device value; raises DeviceUnavailable for cuda without it."""
+    if device == "cpu":
+        return [CPU_PROVIDER]
+    if device == "cuda":
+        if not cuda_usable():
+            raise DeviceUnavailable(
+                "--device cuda needs onnxruntime-gpu with a usable CUDA; this onnxruntime "
+                f"{ort.__version__} offers only {', '.join(ort.get_available_providers())} "
+                "(install the `gpu` extra instead of `serve`, or use --device cpu/auto)"
+            )
+        return [CUDA_PROVIDER, CPU_PROVIDER]
+    if device == "auto":
+        return [CUDA_PROVIDER, CPU_PROVIDER] if cuda_usable() else [CPU_PROVIDER]
+    raise ValueError(f"unknown device {device!r}")
+
+
+class ModelRuntime:
+    """A loaded, checked and warmed-up model. `predict` is thread-safe (onnxruntime's
+    `run` is) and blocks: call it off the event loop."""
+
+    def __init__(self, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+        self.model_path = model_path
+        session_options = ort.SessionOptions()
+        session_options.intra_op_num_threads = options.intra_op_threads
+        session_options.inter_op_num_threads = options.inter_op_threads
+        session_options.graph_optimization_level = _GRAPH_OPTIMIZATION[options.graph_optimization]
+        session_options.log_severity_level = 3
+        providers = requested_providers(options.device)
+        self.session = ort.InferenceSession(
+            str(model_path), sess_options=session_options, providers=providers
+        )
+        # onnxruntime falls back to CPU silently when a provider fails to initialise.
+        self.provider = self.session.get_providers()[0]
+        if options.device == "cuda" and self.provider != CUDA_PROVIDER:
+            raise DeviceUnavailable(
+                f"--device cuda: onnxruntime could not start CUDA for {model_path} and fell "
+                f"back to {self.provider} (check the driver, CUDA and cuDNN libraries)"
+            )
+        self._check_contract()
+        self._output_names = list(OUTPUT_NAMES)
+        self.predict(np.zeros((2, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8))
+
+    def _check_contract(self) -> None:
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+            names = [tensor.name for tensor in inputs]
+            raise ContractViolation(f"{self.model_path}: inputs {names}, expected ['images']")
+        _check_tensor(self.model_path, inputs[0], "tensor(uint8)", rank=3)
+        outputs = {tensor.name: tensor for tensor in self.session.get_outputs()}
+        for name, element_type in (
+            (OUTPUT_PROBABILITY, "tensor(float)"),
+            (OUTPUT_DIGIT, "tensor(int64)"),
+        ):
+            if name not in outputs:
+                raise ContractViolation(
+                    f"{self.model_path}: no output {name!r} (outputs: {sorted(outputs)})"
+                )
+            _check_tensor(self.model_path, outputs[name], element_type, rank=1)
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(7) as float32 [N] and the digit (3 or 7) as int64 [N] for uint8 [N, 28, 28]."""
+        probability, digit = self.session.run(self._output_names, {INPUT_NAME: images})
+        return probability, digit
+
+
+def _check_tensor(model_path: Path, tensor: ort.NodeArg, element_type: str, rank: int) -> None:
+    if tensor.type != element_type:
+        raise ContractViolation(
+            f"{model_path}: {tensor.name} is {tensor.type}, expected {element_type}"
+        )
+    shape = tensor.shape
+    if len(shape) != rank:
+        raise ContractViolation(f"{model_path}: {tensor.name} has shape {shape}, not rank {rank}")
+    if isinstance(shape[0], int):
+        raise ContractViolation(
+            f"{model_path}: {tensor.name} has a fixed batch size {shape[0]}; export it with a "
+            "dynamic first dimension"
+        )
+    if rank == 3 and list(shape[1:]) != [IMAGE_SIDE, IMAGE_SIDE]:
+        raise ContractViolation(f"{model_path}: {tensor.name} has shape {shape}, need [N, 28, 28]")

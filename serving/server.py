@@ -1,0 +1,216 @@
+"""`mnist37-serve`: wires the model registry, data plane and gRPC services together.
+
+Shutdown on SIGTERM/SIGINT is a drain: health turns NOT_SERVING (load balancers stop
+sending), every request that reaches the server is still served until none has been in
+flight for --drain-quiet-period, and only then does the gRPC server stop, with nothing left
+to cancel. A second signal skips the wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from serving.classifier import ClassifierServicer
+from serving.config import ServerConfig, load_config
+from serving.dataplane import DataPlane
+from serving.generated.inference import grpc_service_pb2 as oip_pb
+from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
+from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
+from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
+from serving.metrics import PrometheusObserver
+from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_latest
+from serving.oip import InferenceServicer
+from serving.repository import ModelVersion
+from serving.runtime import PIXELS, DeviceUnavailable, RuntimeOptions
+
+log = logging.getLogger("serving")
+
+OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+CLASSIFIER_SERVICE = classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+
+
+class StartupError(Exception):
+    """The server cannot start; the message says why."""
+
+
+class InferenceServer:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.registry = ModelRegistry()
+        self.observer = PrometheusObserver() if config.metrics_port else None
+        self.dataplane = DataPlane(self.registry, config.max_request_images, self.observer)
+        self.executor = ThreadPoolExecutor(
+            max_workers=config.inference_threads, thread_name_prefix="onnxruntime"
+        )
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port: int | None = None
+
+    async def start(self) -> None:
+        config = self.config
+        if not config.repository.is_dir():
+            raise StartupError(f"model repository {config.repository} is not a directory")
+        models = await asyncio.to_thread(
+            load_latest,
+            config.repository,
+            RuntimeOptions(
+                config.device,
+                config.intra_op_threads,
+                config.inter_op_threads,
+                config.graph_optimization,
+            ),
+            BatchingOptions(config.max_batch_size, config.max_queue_delay_us / 1e6),
+            self.executor,
+            self._batch_listener,
+        )
+        if not models:
+            log.warning(
+                "no loadable model in %s: the server is live but not ready", config.repository
+            )
+        self.registry.swap(models)
+        self._build_grpc_server()
+        await self.grpc_server.start()
+        if self.observer is not None:
+            self.observer.serve(config.host, config.metrics_port)
+            for model in models:
+                self.observer.model_loaded(model.name, model.version_label, model.provider)
+        await self._set_health(models, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %d model version(s) on %s (gRPC), metrics on %s",
+            len(models),
+            f"{config.host}:{self.port}",
+            config.metrics_port or "off",
+        )
+
+    def _batch_listener(self, model_version: ModelVersion) -> Callable[[int, float, float], None]:
+        name, version = model_version.name, str(model_version.version)
+        dataplane = self.dataplane
+
+        def on_batch(batch_size: int, queue_seconds: float, infer_seconds: float) -> None:
+            dataplane.observer.batch_executed(
+                name, version, batch_size, queue_seconds, infer_seconds
+            )
+
+        return on_batch
+
+    def _build_grpc_server(self) -> None:
+        config = self.config
+        message_limit = config.max_request_images * PIXELS * 2 + 1024 * 1024
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", message_limit),
+                ("grpc.max_send_message_length", message_limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.dataplane, config.repository, config.max_queue_delay_us), server
+        )
+        classifier_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.dataplane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (
+                OIP_SERVICE,
+                CLASSIFIER_SERVICE,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        try:
+            self.port = server.add_insecure_port(config.grpc_address)
+        except RuntimeError as error:
+            raise StartupError(f"cannot listen on {config.grpc_address}: {error}") from error
+        if not self.port:
+            raise StartupError(f"cannot listen on {config.grpc_address}")
+        self.grpc_server = server
+
+    async def _set_health(self, models: Sequence[LoadedModel], status: int) -> None:
+        ready = status if models else health_pb2.HealthCheckResponse.NOT_SERVING
+        for service in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
+            await self.health.set(service, ready)
+        for name in {model.name for model in models}:
+            await self.health.set(name, status)
+
+    async def drain_and_stop(self, force: asyncio.Event | None = None) -> None:
+        """Stop taking traffic gracefully: see the module docstring."""
+        loop = asyncio.get_running_loop()
+        config = self.config
+        deadline = loop.time() + config.shutdown_timeout
+        log.info("draining: health NOT_SERVING, finishing requests in flight")
+        await self.health.enter_graceful_shutdown()
+        quiet_since: float | None = None
+        while loop.time() < deadline and not (force and force.is_set()):
+            now = loop.time()
+            if self.dataplane.in_flight:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= config.drain_quiet_period:
+                break
+            await asyncio.sleep(0.005)
+        self.dataplane.accepting = False
+        if self.grpc_server is not None:
+            grace = 0.0 if force and force.is_set() else max(0.0, deadline - loop.time())
+            await self.grpc_server.stop(grace)
+        for model in self.registry.swap([]):
+            await model.wait_idle()
+        self.executor.shutdown(wait=True)
+        if self.observer is not None:
+            self.observer.close()
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> int:
+    server = InferenceServer(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    force = asyncio.Event()
+
+    def on_signal(number: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: stopping without waiting", signal.Signals(number).name)
+            force.set()
+        else:
+            log.info("%s received", signal.Signals(number).name)
+            stop.set()
+
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, on_signal, number)
+    try:
+        await server.start()
+    except BaseException:
+        server.executor.shutdown(wait=False)
+        if server.grpc_server is not None:
+            await server.grpc_server.stop(0)
+        raise
+    await stop.wait()
+    await server.drain_and_stop(force)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config = load_config(argv)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return asyncio.run(serve(config))
+    except (StartupError, DeviceUnavailable) as error:
+        log.error("refusing to start: %s", error)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

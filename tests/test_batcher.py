@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from serving.batcher import DynamicBatcher
+from serving.errors import DeadlineExpired
+
+
+class RecordingModel:
+    """probability = image id / 1000 (the first pixel row encodes the id), digit = id."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.batches: list[int] = []
+        self.delay = delay
+        self.threads: set[str] = set()
+        self.gate: threading.Event | None = None
+
+    def __call__(self, images: np.ndarray):
+        self.threads.add(threading.current_thread().name)
+        if self.gate is not None:
+            self.gate.wait(5)
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches.append(len(images))
+        ids = images[:, 0, :4].astype(np.int64) @ np.array([1, 256, 65536, 0])
+        return (ids / 1000).astype(np.float32), ids
+
+
+def tagged(first_id: int, count: int) -> np.ndarray:
+    images = np.zeros((count, 28, 28), np.uint8)
+    ids = np.arange(first_id, first_id + count)
+    images[:, 0, 0], images[:, 0, 1], images[:, 0, 2] = ids % 256, ids // 256 % 256, ids // 65536
+    return images
+
+
+@pytest.fixture
+def executor():
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="worker") as pool:
+        yield pool
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_concurrent_callers_share_batches_and_each_gets_its_own_rows_in_order(executor):
+    model = RecordingModel(delay=0.002)
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=64)
+        requests = [tagged(1000 * index, 1 + index % 5) for index in range(40)]
+        results = await asyncio.gather(*(batcher.infer(images) for images in requests))
+        return batcher, requests, results
+
+    batcher, requests, results = run(scenario())
+    for index, (images, (probability, digit)) in enumerate(zip(requests, results, strict=True)):
+        expected = np.arange(1000 * index, 1000 * index + len(images))
+        np.testing.assert_array_equal(digit, expected)
+        np.testing.assert_allclose(probability, expected / 1000, rtol=1e-6)
+    assert sum(model.batches) == sum(len(images) for images in requests)
+    assert len(model.batches) < 40, "concurrent requests should have been batched"
+    assert max(model.batches) <= 64
+    assert batcher.stats.inference_count == sum(model.batches)
+    assert batcher.stats.execution_count == len(model.batches)
+    assert batcher.stats.queue.count == 40
+    assert model.threads and all(name.startswith("worker") for name in model.threads)
+
+
+def test_a_lone_request_runs_at_once_without_queue_delay(executor):
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=64)
+        start = time.perf_counter()
+        await batcher.infer(tagged(0, 1))
+        return time.perf_counter() - start
+
+    assert run(scenario()) < 0.05
+    assert model.batches == [1]
+
+
+def test_queue_delay_gathers_requests_into_one_batch(executor):
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=64, max_queue_delay_s=0.05)
+        first = asyncio.ensure_future(batcher.infer(tagged(0, 2)))
+        await asyncio.sleep(0.01)
+        second = asyncio.ensure_future(batcher.infer(tagged(100, 3)))
+        return await first, await second
+
+    first, second = run(scenario())
+    assert model.batches == [5]
+    np.testing.assert_array_equal(first[1], [0, 1])
+    np.testing.assert_array_equal(second[1], [100, 101, 102])
+
+
+def test_a_request_larger_than_the_batch_is_split_not_rejected(executor):
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=8)
+        return await batcher.infer(tagged(0, 30))
+
+    _, digit = run(scenario())
+    np.testing.assert_array_equal(digit, np.arange(30))
+    assert sorted(model.batches) == [6, 8, 8, 8]
+
+
+def test_the_event_loop_keeps_running_while_the_model_computes(executor):
+    model = RecordingModel(delay=0.2)
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=8)
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0.01)
+
+        task = asyncio.ensure_future(ticker())
+        await batcher.infer(tagged(0, 1))
+        task.cancel()
+        return ticks
+
+    assert run(scenario()) >= 10
+
+
+def test_cancelled_and_expired_requests_are_dropped_from_the_batch(executor):
+    model = RecordingModel()
+    model.gate = threading.Event()
+
+    async def scenario():
+        loop = asyncio.get_running_loop()
+        batcher = DynamicBatcher(model, executor, max_batch_size=64)
+        blocker = asyncio.ensure_future(batcher.infer(tagged(0, 1)))
+        await asyncio.sleep(0.01)  # the first batch is now running and held by the gate
+        cancelled = asyncio.ensure_future(batcher.infer(tagged(100, 4)))
+        expired = asyncio.ensure_future(batcher.infer(tagged(200, 2), deadline=loop.time()))
+        kept = asyncio.ensure_future(batcher.infer(tagged(300, 3)))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        model.gate.set()
+        await blocker
+        with pytest.raises(DeadlineExpired):
+            await expired
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        return await kept
+
+    _, digit = run(scenario())
+    np.testing.assert_array_equal(digit, [300, 301, 302])
+    assert model.batches == [1, 3]
+
+
+def test_a_model_error_reaches_every_caller_and_the_batcher_recovers(executor):
+    calls = []
+
+    def flaky(images):
+        calls.append(len(images))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return np.zeros(len(images), np.float32), np.full(len(images), 3, np.int64)
+
+    async def scenario():
+        batcher = DynamicBatcher(flaky, executor, max_batch_size=4)
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.infer(tagged(0, 2))
+        return await batcher.infer(tagged(0, 2))
+
+    assert run(scenario())[1].tolist() == [3, 3]

@@ -1,0 +1,100 @@
+"""The client library and `mnist37-client` against the real server."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import subprocess
+import sys
+
+import numpy as np
+from conftest import REPO_ROOT, shipped_digit_files
+from PIL import Image
+
+from serving.client import Mnist37Client, main
+from serving.repository import latest_version
+from serving.runtime import ModelRuntime
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(
+        int(n).to_bytes(4, "big") for n in array.shape
+    )
+    path.write_bytes(gzip.compress(header + array.astype(np.uint8).tobytes()))
+
+
+def test_library_classify_and_infer(server, test_digits):
+    images = test_digits[0][:6]
+    buffer = io.BytesIO()
+    Image.fromarray(255 - images[0]).save(buffer, "PNG")
+    with Mnist37Client(server.target) as client:
+        predictions = client.classify([buffer.getvalue(), images[1].tobytes(), *images[2:]])
+        outputs = client.infer(images, outputs=["digit"], request_id="lib")
+        typed = client.infer(images, raw=False)
+    assert len(predictions) == 6
+    assert [p.digit for p in predictions[1:]] == outputs["digit"][1:].tolist()
+    assert list(outputs) == ["digit"]
+    np.testing.assert_array_equal(typed["digit"], outputs["digit"])
+
+
+def test_check_prints_the_offline_accuracy(server, model_repository, test_digits, capsys):
+    images_path, labels_path = shipped_digit_files()
+    runtime = ModelRuntime(latest_version(model_repository, "mnist37").model_path)
+    images, labels = test_digits
+    offline = (runtime.predict(images)[1] == labels).sum()
+    code = main(
+        [
+            "--server",
+            server.target,
+            "classify",
+            "--check",
+            str(images_path),
+            "--labels",
+            str(labels_path),
+        ]
+    )
+    out = capsys.readouterr().out
+    assert code == 0
+    assert f"accuracy {offline / len(labels):.6f} ({offline}/{len(labels)})" in out
+    assert "p50" in out and "images/s" in out
+
+
+def test_cli_classifies_pngs_and_idx_files(server, test_digits, tmp_path):
+    images = test_digits[0][:3]
+    png_path = tmp_path / "digit.png"
+    Image.fromarray(255 - images[0]).resize((56, 56)).save(png_path)
+    idx_path = tmp_path / "three-images-idx3-ubyte.gz"
+    write_idx(idx_path, images)
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "serving.client",
+            "--server",
+            server.target,
+            "classify",
+            str(png_path),
+            str(idx_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert completed.returncode == 0, completed.stderr
+    lines = completed.stdout.splitlines()
+    assert len(lines) == 4
+    assert lines[0].startswith("digit.png\tdigit=")
+    assert lines[1].startswith("three-images-idx3-ubyte.gz[0]\tdigit=")
+    assert all("P(7)=" in line and "model=mnist37/2" in line for line in lines)
+
+
+def test_cli_reports_server_errors_without_a_traceback(server, tmp_path, capsys):
+    bad = tmp_path / "bad.idx"
+    bad.write_bytes(b"nonsense")
+    assert main(["--server", server.target, "classify", str(bad)]) == 1
+    assert "mnist37-client:" in capsys.readouterr().err
+    png_path = tmp_path / "blank.png"
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png_path)
+    assert main(["--server", server.target, "classify", "--model", "nope", str(png_path)]) == 1
+    assert "NOT_FOUND" in capsys.readouterr().err
