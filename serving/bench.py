@@ -152,12 +152,12 @@ def _measure(target: str, concurrency: int, batch: int, measurement_ms: int) -> 
 
 
 def _model_repository(directory: Path) -> Path:
-    from serving.idx import read_idx
+    from serving.idx import read_images, read_labels
     from serving.synthetic import mean_difference_model, publish_model
 
     data = REPO_ROOT / "training" / "data"
-    images = read_idx(data / "t10k-images-idx3-ubyte.gz")
-    labels = read_idx(data / "t10k-labels-idx1-ubyte.gz")
+    images = read_images(data / "t10k-images-idx3-ubyte.gz")
+    labels = read_labels(data / "t10k-labels-idx1-ubyte.gz")
     publish_model(directory, "mnist37", mean_difference_model(images, labels))
     return directory
 

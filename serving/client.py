@@ -23,10 +23,10 @@ from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
-from serving.idx import IdxError, read_idx
+from serving.idx import IdxError, read_images, read_labels
 from serving.imaging import PNG_SIGNATURE
 from serving.repository import DEFAULT_MODEL_NAME
-from serving.runtime import IMAGE_SIDE, INPUT_NAME, OUTPUT_DIGIT
+from serving.runtime import INPUT_NAME, OUTPUT_DIGIT
 
 DEFAULT_SERVER = "127.0.0.1:8001"
 CHECK_BATCH = 256
@@ -113,10 +113,7 @@ def _load_images(path: Path) -> list[bytes | np.ndarray]:
     data = path.read_bytes()
     if data.startswith(PNG_SIGNATURE):
         return [data]
-    images = read_idx(path)
-    if images.ndim != 3 or images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
-        raise IdxError(f"{path}: shape {images.shape} is not [N, 28, 28]")
-    return list(images.astype(np.uint8))
+    return list(read_images(path))
 
 
 def _classify_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
@@ -135,8 +132,8 @@ def _classify_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
 
 
 def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) -> int:
-    images = read_idx(images_path).astype(np.uint8)
-    labels = read_idx(labels_path).astype(np.int64)
+    images = read_images(images_path)
+    labels = read_labels(labels_path).astype(np.int64)
     if len(images) != len(labels):
         raise IdxError(f"{len(images)} images but {len(labels)} labels")
     digits = np.empty(len(images), dtype=np.int64)

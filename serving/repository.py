@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from serving.atomic import fsync_directory, write_json_atomically
+
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
 DEFAULT_MODEL_NAME = "mnist37"
@@ -115,15 +117,7 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
-    _fsync_dir(directory)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_directory(directory)
 
 
 def publish(
@@ -152,7 +146,7 @@ def publish(
             # Recorded first: a crash before the rename skips a number, never reuses one.
             write_json_atomically(model_dir / _HIGHEST_VERSION_FILE, version)
             os.rename(staging, final)
-            _fsync_dir(model_dir)
+            fsync_directory(model_dir)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
@@ -171,20 +165,3 @@ def _highest_version_ever(model_dir: Path) -> int:
             "fix or delete it to continue from the versions present"
         ) from error
     return max([recorded, *present])
-
-
-def write_json_atomically(path: Path, data: object) -> None:
-    """Write JSON to `path` through a temporary file and a rename."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
-    fd, temp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes it owner-only; servers may run as other users
-        os.replace(temp, path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -19,7 +19,7 @@ import pytest
 
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
-from serving.idx import read_idx
+from serving.idx import read_images, read_labels
 from serving.synthetic import mean_difference_model, publish_model, random_linear_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +35,7 @@ def shipped_digit_files() -> tuple[Path, Path]:
 @pytest.fixture(scope="session")
 def test_digits() -> tuple[np.ndarray, np.ndarray]:
     images_path, labels_path = shipped_digit_files()
-    images, labels = read_idx(images_path), read_idx(labels_path)
+    images, labels = read_images(images_path), read_labels(labels_path)
     assert set(np.unique(labels).tolist()) == {3, 7}
     return images.astype(np.uint8), labels.astype(np.int64)
 

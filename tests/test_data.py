@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from serving.idx import images_to_idx, labels_to_idx, write_idx
 from training.data import (
     CANONICAL_NAMES,
     DEFAULT_DATA_DIR,
@@ -22,7 +23,6 @@ from training.data import (
 from training.datasets_cli import main as data_main
 from training.datasets_cli import make_default
 from training.download import DownloadError, RemoteFile, download_mnist
-from training.idx import images_to_idx, labels_to_idx, write_idx
 
 SHIPPED_FILES = [f"{name}.gz" for name in CANONICAL_NAMES]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.idx import (
+from serving.idx import (
     IdxError,
     gzip_deterministically,
     images_to_idx,

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from training.idx import IdxError, decompress_if_gzip, parse_images, parse_labels
+from serving.idx import IdxError, decompress_if_gzip, parse_images, parse_labels
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
 DIGITS = (3, 7)

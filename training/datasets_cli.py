@@ -16,6 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
+from serving.atomic import write_bytes_atomically
+from serving.idx import (
+    IdxError,
+    gzip_deterministically,
+    images_to_idx,
+    labels_to_idx,
+    parse_images,
+    parse_labels,
+    read_payload,
+)
 from training.data import (
     CHECKSUM_FILE,
     DEFAULT_DATA_DIR,
@@ -31,16 +41,6 @@ from training.data import (
     sha256_hex,
 )
 from training.download import MIRRORS, DownloadError, download_mnist
-from training.idx import (
-    IdxError,
-    gzip_deterministically,
-    images_to_idx,
-    labels_to_idx,
-    parse_images,
-    parse_labels,
-    read_payload,
-    write_atomically,
-)
 
 SHARED_MNIST_DIR = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
 
@@ -96,10 +96,10 @@ def make_default(source: Path, dest: Path) -> list[Path]:
     dest.mkdir(parents=True, exist_ok=True)
     written = []
     for name, data in sorted(files.items()):
-        write_atomically(dest / name, data)
+        write_bytes_atomically(dest / name, data)
         written.append(dest / name)
-    write_atomically(dest / CHECKSUM_FILE, format_checksum_file(files).encode())
-    write_atomically(dest / "README.md", dataset_readme(parts).encode())
+    write_bytes_atomically(dest / CHECKSUM_FILE, format_checksum_file(files).encode())
+    write_bytes_atomically(dest / "README.md", dataset_readme(parts).encode())
     return [*written, dest / CHECKSUM_FILE, dest / "README.md"]
 
 
