@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from serving.atomic import write_json_atomically
 from serving.repository import (
     CARD_FILE,
     MODEL_FILE,
@@ -24,7 +25,6 @@ from serving.repository import (
     list_models,
     list_versions,
     publish,
-    write_json_atomically,
 )
 from serving.repository_cli import main as models_main
 

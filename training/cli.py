@@ -23,11 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from serving.repository import DEFAULT_MODEL_NAME, write_json_atomically
+from serving.atomic import write_json_atomically
+from serving.repository import DEFAULT_MODEL_NAME
 from training.data import (
     DEFAULT_DATA_DIR,
     DataError,
     Mnist37Data,
+    Split,
     load_dataset,
     split_train_validation,
 )
@@ -77,18 +79,33 @@ def evaluation_json(scores: Evaluation, count: int) -> dict:
     return {**asdict(scores), "count": count}
 
 
+def first_training_images(split: Split, limit: int) -> Split:
+    """The split with only the first `limit` training images (validation unchanged)."""
+    return split._replace(
+        train_images=split.train_images[:limit], train_labels=split.train_labels[:limit]
+    )
+
+
 def run_training(
-    config: TrainConfig, data_dir: Path | None, out_dir: Path, progress: bool = True
+    config: TrainConfig,
+    data_dir: Path | None,
+    out_dir: Path,
+    progress: bool = True,
+    train_limit: int | None = None,
 ) -> dict:
     """Train on the training split, report on the test set, write the run directory.
 
-    Returns the metrics written to `metrics.json`.
+    `train_limit` trains on only the first that many images of the training split (a
+    deliberately weak model, for testing gates). Returns the metrics written to
+    `metrics.json`.
     """
     started = time.perf_counter()
     data: Mnist37Data = load_dataset(data_dir)
     split = split_train_validation(
         data.train_images, data.train_labels, config.validation_fraction, config.seed
     )
+    if train_limit is not None:
+        split = first_training_images(split, train_limit)
     train = (to_pixels(split.train_images), is_seven(split.train_labels))
     validation = (to_pixels(split.validation_images), is_seven(split.validation_labels))
     test = (to_pixels(data.test_images), is_seven(data.test_labels))
@@ -186,13 +203,9 @@ def _fraction(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training settings (--arch ... --data-dir), shared with `mnist37-retrain`."""
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(
-        prog="mnist37-train",
-        description="Train the fast.ai 3-vs-7 MNIST classifier. "
-        "Each flag's default can be set by the environment variable in brackets.",
-    )
     add = parser.add_argument
     add(
         "--arch",
@@ -253,6 +266,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="a directory with the four MNIST IDX files [MNIST37_DATA_DIR] "
         "(default: the 3s and 7s shipped in training/data)",
     )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mnist37-train",
+        description="Train the fast.ai 3-vs-7 MNIST classifier. "
+        "Each flag's default can be set by the environment variable in brackets.",
+    )
+    add_training_arguments(parser)
+    add = parser.add_argument
     add(
         "--out",
         type=Path,

@@ -9,22 +9,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime
 from torch import nn
 
+from serving.atomic import write_json_atomically
 from serving.repository import (
     CARD_FILE,
     DEFAULT_MODEL_NAME,
     MODEL_FILE,
     ModelVersion,
     publish,
-    write_json_atomically,
 )
 from training.export import (
     BATCH_DIMENSION,
@@ -117,12 +118,22 @@ def publish_model(
     test_images: np.ndarray,
     repository: Path,
     model_name: str = DEFAULT_MODEL_NAME,
+    *,
+    exported: onnx.ModelProto | None = None,
+    before_write: Callable[[int], None] | None = None,
 ) -> ModelVersion:
-    """Export `model` once, then stamp, check, prove and write it as the next version."""
-    exported = export_onnx(model)
+    """Export `model` once, then stamp, check, prove and write it as the next version.
+
+    `exported`: `export_onnx(model)` if the caller already has it. `before_write(version)`
+    runs under the repository's publish lock before anything is written; if it raises,
+    nothing is published.
+    """
+    exported = exported if exported is not None else export_onnx(model)
     serving_model = ServingModel(model).eval()
 
     def write_version(staging: Path, version: int) -> None:
+        if before_write is not None:
+            before_write(version)
         metadata = ModelMetadata(
             model_name=model_name,
             model_version=version,

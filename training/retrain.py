@@ -1,0 +1,520 @@
+"""`mnist37-retrain`: train a candidate and publish it only if it passes the gate.
+
+    mnist37-retrain --repository DIR [--model-name NAME] [--data-dir DIR] [--arch ...]
+
+A one-shot batch job (a container command, a cron or Kubernetes Job). It trains a
+candidate into `<work-dir>/candidate/`, exports it to ONNX, and measures the candidate and
+the latest published version of the model with onnxruntime on the same held-out images:
+the 3s and 7s of the data's official MNIST test set. The candidate is published as the
+next version only if its accuracy is at least `--min-accuracy` and at most
+`--max-regression` below the current version's. A rejected candidate stays in the work
+directory, which is never inside the repository. `<work-dir>/retrain-report.json` records
+the decision; the last line of stdout is the same summary as one JSON object.
+
+Exit status: 0 published, 3 rejected by the gate, 1 error, 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime
+from torch import nn
+
+from serving.atomic import write_json_atomically
+from serving.repository import (
+    DEFAULT_MODEL_NAME,
+    ModelVersion,
+    RepositoryError,
+    latest_version,
+    validate_model_name,
+)
+from serving.repository_cli import summarize_version
+from training.cli import (
+    CHECKPOINT_FILE,
+    _env,
+    _positive_int,
+    add_training_arguments,
+    config_from_args,
+    run_training,
+    summary,
+)
+from training.data import DataError, Mnist37Data, load_dataset
+from training.export import (
+    DIGIT_OUTPUT,
+    INPUT_NAME,
+    ExportError,
+    ModelMetadata,
+    export_onnx,
+    finalize,
+)
+from training.parity import ParityError
+from training.publish import PublishError, TrainingRecord, publish_model, read_training_record
+from training.train import POSITIVE_DIGIT, load_checkpoint
+
+EXIT_PUBLISHED = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_REJECTED = 3
+EXIT_CODES = {"published": EXIT_PUBLISHED, "rejected": EXIT_REJECTED, "error": EXIT_ERROR}
+
+DEFAULT_MIN_ACCURACY = 0.97
+DEFAULT_MAX_REGRESSION = 0.005
+REPORT_FILE = "retrain-report.json"
+DEFAULT_WORK_ROOT = Path("runs")
+CANDIDATE_DIR = "candidate"
+CANDIDATE_MODEL_FILE = "model.onnx"
+UNPUBLISHED_VERSION = 0  # the version stamped into a candidate's model.onnx
+REPORT_SCHEMA_VERSION = 1
+# Accuracies are counts / images; this absorbs float rounding at the gate's boundaries.
+GATE_TOLERANCE = 1e-9
+EXPECTED_ERRORS = (
+    DataError,
+    ExportError,
+    ParityError,
+    PublishError,
+    RepositoryError,
+    OSError,
+    ValueError,
+)
+
+
+class RetrainError(Exception):
+    """Retraining cannot finish: the current version cannot be measured, or changed."""
+
+
+@dataclass(frozen=True)
+class Gate:
+    min_accuracy: float
+    max_regression: float
+
+    def reasons_to_reject(
+        self, candidate: float, current: float | None, current_version: int | None
+    ) -> list[str]:
+        """Why a candidate fails the gate; empty if it passes."""
+        reasons = []
+        if candidate < self.min_accuracy - GATE_TOLERANCE:
+            reasons.append(
+                f"candidate accuracy {candidate:.4f} is below the minimum "
+                f"{self.min_accuracy:.4f} (--min-accuracy)"
+            )
+        if current is not None and current - candidate > self.max_regression + GATE_TOLERANCE:
+            reasons.append(
+                f"candidate accuracy {candidate:.4f} is {current - candidate:.4f} below "
+                f"current version {current_version}'s {current:.4f}, more than the allowed "
+                f"regression {self.max_regression:.4f} (--max-regression)"
+            )
+        return reasons
+
+
+@dataclass(frozen=True)
+class Score:
+    """How a model did on the gate's images, measured through onnxruntime."""
+
+    accuracy: float
+    correct: int
+    count: int
+    confusion_matrix: list[list[int]]  # rows: true 3, 7; columns: predicted 3, 7
+
+
+@dataclass(frozen=True)
+class Candidate:
+    run_dir: Path
+    model: nn.Module
+    record: TrainingRecord
+    exported: onnx.ModelProto
+    model_path: Path  # the candidate's stamped ONNX file (version 0: unpublished)
+
+
+@dataclass
+class Outcome:
+    """What the job decided and measured; the report and the summary line."""
+
+    model: str
+    repository: str
+    work_dir: str
+    gate: Gate
+    decision: str = "error"
+    reasons: list[str] = field(default_factory=list)
+    version: int | None = None
+    version_path: str | None = None
+    candidate_dir: str | None = None
+    candidate: Score | None = None
+    current_version: int | None = None
+    current_path: str | None = None
+    current: Score | None = None
+    gate_data: dict | None = None
+    report_path: str | None = None
+    training: dict | None = None
+    duration_s: float | None = None
+
+    def summary_line(self) -> dict:
+        return {
+            "event": "retrain",
+            "decision": self.decision,
+            "exit_code": EXIT_CODES[self.decision],
+            "model": self.model,
+            "version": self.version,
+            "candidate_accuracy": self.candidate.accuracy if self.candidate else None,
+            "current_version": self.current_version,
+            "current_accuracy": self.current.accuracy if self.current else None,
+            "min_accuracy": self.gate.min_accuracy,
+            "max_regression": self.gate.max_regression,
+            "reason": "; ".join(self.reasons) or None,
+            "report": self.report_path,
+            "duration_s": self.duration_s,
+        }
+
+    def report(self) -> dict:
+        return {
+            **self.summary_line(),
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "reasons": self.reasons,
+            "repository": self.repository,
+            "work_dir": self.work_dir,
+            "published": {"version": self.version, "path": self.version_path},
+            "candidate": {
+                "run_dir": self.candidate_dir,
+                "training": self.training,
+                "gate_score": asdict(self.candidate) if self.candidate else None,
+            },
+            "current": {
+                "version": self.current_version,
+                "path": self.current_path,
+                "gate_score": asdict(self.current) if self.current else None,
+            },
+            "gate": {**asdict(self.gate), "data": self.gate_data},
+        }
+
+
+def _accuracy(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
+    return value
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="mnist37-retrain",
+        description="Train a candidate, compare it with the latest published version on the "
+        "held-out test images, and publish it only if it passes the gate. Exit status: "
+        "0 published, 3 rejected by the gate, 1 error, 2 usage error. "
+        "Each flag's default can be set by the environment variable in brackets.",
+    )
+    add = parser.add_argument
+    repository = _env("REPOSITORY", None)
+    add(
+        "--repository",
+        type=Path,
+        default=repository,
+        required=repository is None,
+        help="the model repository; it must exist [MNIST37_REPOSITORY]",
+    )
+    add(
+        "--model-name",
+        default=_env("MODEL_NAME", DEFAULT_MODEL_NAME),
+        help="the model to retrain [MNIST37_MODEL_NAME] (default: %(default)s)",
+    )
+    add_training_arguments(parser)
+    add(
+        "--train-limit",
+        type=_positive_int,
+        default=_env("TRAIN_LIMIT", None),
+        help="train on only the first N images of the training split, to get a "
+        "deliberately weak candidate [MNIST37_TRAIN_LIMIT] (default: all)",
+    )
+    add(
+        "--min-accuracy",
+        type=_accuracy,
+        default=_env("MIN_ACCURACY", DEFAULT_MIN_ACCURACY),
+        help="the candidate's least accuracy on the held-out images "
+        "[MNIST37_MIN_ACCURACY] (default: %(default)s)",
+    )
+    add(
+        "--max-regression",
+        type=_accuracy,
+        default=_env("MAX_REGRESSION", DEFAULT_MAX_REGRESSION),
+        help="how far the candidate's accuracy may fall below the current version's "
+        "[MNIST37_MAX_REGRESSION] (default: %(default)s)",
+    )
+    add(
+        "--work-dir",
+        type=Path,
+        default=_env("WORK_DIR", None),
+        help="new or empty directory for the candidate run and the report, outside the "
+        "repository [MNIST37_WORK_DIR] (default: a new runs/retrain-<UTC time>-<random>)",
+    )
+    add(
+        "--no-progress",
+        action="store_true",
+        default=os.environ.get("MNIST37_NO_PROGRESS", "") not in ("", "0"),
+        help="no progress bars [MNIST37_NO_PROGRESS=1]",
+    )
+    return parser.parse_args(argv)
+
+
+def is_inside(path: Path, directory: Path) -> bool:
+    path, directory = path.resolve(), directory.resolve()
+    return path == directory or directory in path.parents
+
+
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments that argparse cannot see, or None."""
+    try:
+        validate_model_name(args.model_name)
+    except RepositoryError as error:
+        return str(error)
+    if not args.repository.is_dir():
+        return f"no model repository at {args.repository} (create the directory first)"
+    work_dir = args.work_dir if args.work_dir is not None else DEFAULT_WORK_ROOT
+    if is_inside(work_dir, args.repository):
+        return f"the work directory {work_dir} is inside the repository {args.repository}"
+    if args.work_dir is not None and not is_new_or_empty_dir(args.work_dir):
+        return f"--work-dir {args.work_dir} exists and is not an empty directory"
+    return None
+
+
+def is_new_or_empty_dir(path: Path) -> bool:
+    return not path.exists() or (path.is_dir() and not any(path.iterdir()))
+
+
+def make_work_dir(requested: Path | None) -> Path:
+    """The requested directory, created if needed, or a new one under `runs/`."""
+    if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)
+        return requested
+    DEFAULT_WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return Path(tempfile.mkdtemp(prefix=f"retrain-{stamp}-", dir=DEFAULT_WORK_ROOT))
+
+
+def score_onnx(model: bytes | Path, images: np.ndarray, labels: np.ndarray) -> Score:
+    """Accuracy of an ONNX serving graph's `digit` output, run by onnxruntime on CPU."""
+    source = str(model) if isinstance(model, Path) else model
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    (digits,) = session.run([DIGIT_OUTPUT], {INPUT_NAME: images})
+    truth, predicted = labels == POSITIVE_DIGIT, digits == POSITIVE_DIGIT
+    correct = int(np.sum(digits == labels))
+    return Score(
+        accuracy=correct / len(labels),
+        correct=correct,
+        count=len(labels),
+        confusion_matrix=[
+            [int(np.sum(~truth & ~predicted)), int(np.sum(~truth & predicted))],
+            [int(np.sum(truth & ~predicted)), int(np.sum(truth & predicted))],
+        ],
+    )
+
+
+def score_version(version: ModelVersion, images: np.ndarray, labels: np.ndarray) -> Score:
+    try:
+        return score_onnx(version.model_path, images, labels)
+    except Exception as error:  # onnxruntime's errors derive from Exception only
+        raise RetrainError(
+            f"cannot run the current version {version.version} ({version.model_path}) "
+            f"with onnxruntime: {error}"
+        ) from error
+
+
+def gate_data_description(data: Mnist37Data) -> dict:
+    return {
+        "images": "the 3s and 7s of the official MNIST test set",
+        "dir": str(data.source),
+        "count": len(data.test_labels),
+        "checksums": {name: digest for name, digest in data.checksums.items() if "t10k" in name},
+    }
+
+
+def train_candidate(args: argparse.Namespace, run_dir: Path, model_name: str) -> Candidate:
+    """Train, export and stamp the candidate (as the unpublished version 0) in `run_dir`."""
+    config = config_from_args(args)
+    metrics = run_training(
+        config, args.data_dir, run_dir, progress=not args.no_progress, train_limit=args.train_limit
+    )
+    print(summary(metrics, run_dir))
+    model, checkpoint = load_checkpoint(run_dir / CHECKPOINT_FILE)
+    record = read_training_record(run_dir, checkpoint)
+    exported = export_onnx(model)
+    stamped = finalize(exported, candidate_metadata(record, model_name))
+    model_path = run_dir / CANDIDATE_MODEL_FILE
+    model_path.write_bytes(stamped)
+    return Candidate(run_dir, model, record, exported, model_path)
+
+
+def candidate_metadata(record: TrainingRecord, model_name: str) -> ModelMetadata:
+    return ModelMetadata(
+        model_name=model_name,
+        model_version=UNPUBLISHED_VERSION,
+        architecture=record.architecture,
+        hidden_units=record.hidden_units,
+        training_seed=record.seed,
+        training_data_checksums=record.data_checksums,
+        test_accuracy=record.test_accuracy,
+        created_at=record.created_at,
+    )
+
+
+def training_description(args: argparse.Namespace, record: TrainingRecord) -> dict:
+    return {
+        "config": asdict(config_from_args(args)),
+        "train_limit": args.train_limit,
+        "data_dir": str(args.data_dir) if args.data_dir else None,
+        "test_accuracy_torch": record.test_accuracy,
+    }
+
+
+def checked_current_version(repository: Path, model_name: str) -> ModelVersion | None:
+    """The latest published version, refused if its card or file is damaged."""
+    current = latest_version(repository, model_name)
+    if current is None:
+        return None
+    problems = summarize_version(current).problems
+    if problems:
+        raise RetrainError(
+            f"cannot measure the current version {current.version} of {model_name}: "
+            + "; ".join(problems)
+        )
+    return current
+
+
+def publish_candidate(
+    candidate: Candidate,
+    repository: Path,
+    model_name: str,
+    compared_with: int | None,
+    test_images: np.ndarray,
+) -> ModelVersion:
+    """Publish the candidate, unless the latest version changed since it was measured."""
+
+    def latest_is_still_the_one_compared(version: int) -> None:
+        latest = latest_version(repository, model_name)
+        now = latest.version if latest is not None else None
+        if now != compared_with:
+            raise RetrainError(
+                f"the latest version of {model_name} changed from {compared_with} to {now} "
+                "while the candidate was being measured; nothing published, run again"
+            )
+
+    return publish_model(
+        candidate.model,
+        candidate.record,
+        test_images,
+        repository,
+        model_name,
+        exported=candidate.exported,
+        before_write=latest_is_still_the_one_compared,
+    )
+
+
+def retrain(args: argparse.Namespace, outcome: Outcome) -> None:
+    """Train, measure, gate and publish or reject, filling in `outcome` as it goes."""
+    data = load_dataset(args.data_dir)
+    outcome.gate_data = gate_data_description(data)
+    candidate = train_candidate(args, Path(outcome.work_dir) / CANDIDATE_DIR, args.model_name)
+    measure_candidate(candidate, data, args, outcome)
+    measure_current(args.repository, args.model_name, data, outcome)
+    outcome.reasons = outcome.gate.reasons_to_reject(
+        outcome.candidate.accuracy,
+        outcome.current.accuracy if outcome.current else None,
+        outcome.current_version,
+    )
+    if outcome.reasons:
+        outcome.decision = "rejected"
+        print(f"rejected: {'; '.join(outcome.reasons)}; candidate kept in {candidate.run_dir}")
+        return
+    published = publish_candidate(
+        candidate, args.repository, args.model_name, outcome.current_version, data.test_images
+    )
+    outcome.decision, outcome.version = "published", published.version
+    outcome.version_path = str(published.path.resolve())
+    print(f"published {published.name} version {published.version} at {published.path}")
+
+
+def measure_candidate(
+    candidate: Candidate, data: Mnist37Data, args: argparse.Namespace, outcome: Outcome
+) -> None:
+    outcome.candidate_dir = str(candidate.run_dir.resolve())
+    outcome.training = training_description(args, candidate.record)
+    outcome.candidate = score_onnx(candidate.model_path, data.test_images, data.test_labels)
+    count = len(data.test_labels)
+    print(f"candidate: {describe(outcome.candidate)} on {count} held-out test images")
+
+
+def measure_current(repository: Path, name: str, data: Mnist37Data, outcome: Outcome) -> None:
+    current = checked_current_version(repository, name)
+    if current is None:
+        print(f"current: {name} has no published version; only --min-accuracy applies")
+        return
+    outcome.current_version = current.version
+    outcome.current_path = str(current.path.resolve())
+    outcome.current = score_version(current, data.test_images, data.test_labels)
+    print(f"current: {name} version {current.version}: {describe(outcome.current)}")
+
+
+def describe(score: Score) -> str:
+    return f"accuracy {score.accuracy:.4f} ({score.correct}/{score.count})"
+
+
+def report_error(error: Exception) -> str:
+    """One line for the user; a traceback too if the error was not expected."""
+    if not isinstance(error, (*EXPECTED_ERRORS, RetrainError)):
+        traceback.print_exc()
+    message = f"{type(error).__name__}: {error}"
+    print(f"mnist37-retrain: error: {message}", file=sys.stderr)
+    return message
+
+
+def write_report(outcome: Outcome) -> None:
+    path = Path(outcome.work_dir) / REPORT_FILE
+    outcome.report_path = str(path)
+    try:
+        write_json_atomically(path, outcome.report())
+    except OSError as error:
+        outcome.report_path = None
+        print(f"mnist37-retrain: error: cannot write the report: {error}", file=sys.stderr)
+        outcome.decision = "error"
+        outcome.reasons.append(f"cannot write the report: {error}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    problem = usage_problem(args)
+    if problem is not None:
+        print(f"mnist37-retrain: error: {problem}", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.perf_counter()
+    gate = Gate(args.min_accuracy, args.max_regression)
+    outcome = Outcome(args.model_name, str(args.repository.resolve()), str(args.work_dir), gate)
+    try:
+        outcome.work_dir = str(make_work_dir(args.work_dir).resolve())
+    except OSError as error:
+        outcome.reasons = [report_error(error)]
+    else:
+        try:
+            retrain(args, outcome)
+        except Exception as error:  # a batch job: always end with the report and summary line
+            outcome.decision, outcome.version = "error", None
+            outcome.reasons = [report_error(error)]
+        outcome.duration_s = round(time.perf_counter() - started, 3)
+        write_report(outcome)
+    print(json.dumps(outcome.summary_line(), separators=(",", ":")), flush=True)
+    return EXIT_CODES[outcome.decision]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
