@@ -6,12 +6,12 @@ import asyncio
 
 import numpy as np
 
-from serving.dataplane import DataPlane
-from serving.errors import InvalidInput, ServingError
+from serving.dataplane import DataPlane, InferenceResult
+from serving.errors import InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
 from serving.imaging import pixels_to_image, png_to_image
-from serving.oip import abort, deadline_of
+from serving.oip import RpcCall, deadline_of
 from serving.repository import DEFAULT_MODEL_NAME
 from serving.runtime import IMAGE_SIDE
 
@@ -35,36 +35,35 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self.dataplane = dataplane
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        with self.dataplane.activity():
-            try:
-                model = self.dataplane.resolve(
-                    request.model_name or DEFAULT_MODEL_NAME, request.model_version
+        async with RpcCall(self.dataplane, "Classify", context, inference=True) as call:
+            model = call.resolve(request.model_name or DEFAULT_MODEL_NAME, request.model_version)
+            count = len(request.images)
+            if count > self.dataplane.max_request_images:
+                raise InvalidInput(
+                    f"images: {count} images exceed the limit of "
+                    f"{self.dataplane.max_request_images} per request (--max-request-images)"
                 )
-                count = len(request.images)
-                if count > self.dataplane.max_request_images:
-                    raise InvalidInput(
-                        f"images: {count} images exceed the limit of "
-                        f"{self.dataplane.max_request_images} per request (--max-request-images)"
-                    )
-                if any(image.WhichOneof("data") == "png" for image in request.images):
-                    images = await asyncio.to_thread(decode_images, list(request.images))
-                else:
-                    images = decode_images(list(request.images))
-                result = await self.dataplane.infer(model, images, deadline_of(context))
-            except ServingError as error:
-                await abort(context, error)
-        prediction = pb.Prediction
-        name, version = result.model_name, result.model_version
-        return pb.ClassifyResponse(
-            predictions=[
-                prediction(
-                    digit=int(digit),
-                    probability_seven=float(probability),
-                    model_name=name,
-                    model_version=version,
-                )
-                for probability, digit in zip(
-                    result.probability.tolist(), result.digit.tolist(), strict=True
-                )
-            ]
-        )
+            if any(image.WhichOneof("data") == "png" for image in request.images):
+                images = await asyncio.to_thread(decode_images, list(request.images))
+            else:
+                images = decode_images(list(request.images))
+            result = await self.dataplane.infer(model, images, deadline_of(context))
+            return _response(result)
+
+
+def _response(result: InferenceResult) -> pb.ClassifyResponse:
+    prediction = pb.Prediction
+    name, version = result.model_name, result.model_version
+    return pb.ClassifyResponse(
+        predictions=[
+            prediction(
+                digit=int(digit),
+                probability_seven=float(probability),
+                model_name=name,
+                model_version=version,
+            )
+            for probability, digit in zip(
+                result.probability.tolist(), result.digit.tolist(), strict=True
+            )
+        ]
+    )

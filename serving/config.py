@@ -14,6 +14,7 @@ ENV_PREFIX = "MNIST37_"
 DEVICES = ("cpu", "cuda", "auto")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("json", "text")
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,10 @@ class ServerConfig:
     inference_threads: int = 2
     shutdown_timeout: float = 30.0
     drain_quiet_period: float = 0.2
+    poll_interval: float = 5.0
+    keep_versions: int = 1
     log_level: str = "info"
+    log_format: str = "json"
 
     @property
     def grpc_address(self) -> str:
@@ -57,16 +61,21 @@ _HELP = {
     "inference_threads": "threads that run onnxruntime calls off the event loop",
     "shutdown_timeout": "seconds a SIGTERM/SIGINT drain may take before stopping anyway",
     "drain_quiet_period": "seconds without a request in flight that end a drain",
+    "poll_interval": "seconds between scans of the repository for new or removed versions "
+    "(0: scan only on SIGHUP)",
+    "keep_versions": "how many of each model's newest loadable versions to serve",
     "log_level": "logging level",
+    "log_format": "json (one object per line, for log collectors) or text",
 }
 
 _CHOICES: Mapping[str, Sequence[str]] = {
     "device": DEVICES,
     "graph_optimization": GRAPH_OPTIMIZATIONS,
     "log_level": LOG_LEVELS,
+    "log_format": LOG_FORMATS,
 }
 
-_POSITIVE = {"max_batch_size", "max_request_images", "inference_threads"}
+_POSITIVE = {"max_batch_size", "max_request_images", "inference_threads", "keep_versions"}
 _NON_NEGATIVE = {
     "grpc_port",
     "metrics_port",
@@ -75,6 +84,7 @@ _NON_NEGATIVE = {
     "max_queue_delay_us",
     "shutdown_timeout",
     "drain_quiet_period",
+    "poll_interval",
 }
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import time
 from asyncio import CancelledError as _Cancelled
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,18 +38,9 @@ class DataPlane:
         self.registry = registry
         self.max_request_images = max_request_images
         self.observer: InferenceObserver = observer or NullObserver()
-        self.in_flight = 0
+        self.in_flight = 0  # inference RPCs being handled (serving.oip.RpcCall counts them)
         self.accepting = True
-
-    @contextmanager
-    def activity(self) -> Iterator[None]:
-        """Counts a request as in flight (a graceful drain waits for zero) for its whole
-        handling, decoding included."""
-        self.in_flight += 1
-        try:
-            yield
-        finally:
-            self.in_flight -= 1
+        self.observer.watch_in_flight(lambda: self.in_flight)
 
     def resolve(self, name: str, version: str = "") -> LoadedModel:
         return self.registry.resolve(name, version)
@@ -73,6 +62,7 @@ class DataPlane:
         try:
             if len(images):
                 probability, digit = await model.batcher.infer(images, deadline)
+                self.observer.predictions_made(model.name, model.version_label, probability, digit)
             else:
                 probability, digit = _EMPTY_PROBABILITY, _EMPTY_DIGIT
             return InferenceResult(model.name, model.version_label, probability, digit)
@@ -86,11 +76,8 @@ class DataPlane:
             model.request_finished()
             elapsed_ns = time.perf_counter_ns() - start_ns
             (model.stats.success if outcome == "success" else model.stats.fail).add(elapsed_ns)
-            self.observer.request_finished(
-                model.name, model.version_label, outcome, elapsed_ns / 1e9
-            )
 
     def record_rejected(self, model: LoadedModel, error: ServingError) -> None:
-        """Account for a request refused before inference (e.g. a malformed tensor)."""
+        """Count a request refused before inference (e.g. a malformed tensor) in the
+        model's Triton statistics; the RPC edge counts it in the metrics."""
         model.stats.fail.add(0)
-        self.observer.request_finished(model.name, model.version_label, error.kind, 0.0)

@@ -1,18 +1,51 @@
-"""A small Prometheus exporter: the edge where the metrics issue plugs in.
+"""Prometheus metrics: `PrometheusObserver` implements `serving.stats.InferenceObserver`.
 
-`PrometheusObserver` implements `serving.stats.InferenceObserver`; it keeps its own
-registry (no process-global state) and serves it over HTTP on --metrics-port.
+It keeps its own registry (no process-global state) and serves it over HTTP on
+--metrics-port. Label values arrive already bounded (see the protocol's docstring); the
+label children are cached per label tuple, so the hot path is a dict lookup, a counter
+increment and a histogram observation, with no `labels()` call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
+import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
-_LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
-_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Seconds, 25 us to 10 s in 1-2.5-5 steps: onnxruntime takes 10-30 us for one image, a
+# request about 0.1-0.5 ms, a 4096-image request or an overloaded queue tens of ms.
+LATENCY_BUCKETS = (
+    0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005,
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
+# P(7): finer near 0 and 1, where a confident model puts most images.
+PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+# From this many images on, a response's P(7) values are observed in one vectorised pass;
+# below it one by one (about 1 us each; the numpy pass costs about 8 us, measured).
+VECTORISE_FROM = 8
+DIGITS = (3, 7)
+OTHER_DIGIT = "other"
+
+
+@dataclass(slots=True)
+class _VersionSeries:
+    """The per-model-version children that every successful request touches."""
+
+    images: dict[int, Counter]
+    other_images: Counter
+    probability: Histogram
+
+
+@dataclass(slots=True)
+class _RpcSeries:
+    requests: Counter
+    duration: Histogram
 
 
 class PrometheusObserver:
@@ -20,64 +53,145 @@ class PrometheusObserver:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "mnist37_requests",
-            "Inference requests by model, version and outcome",
-            ["model", "version", "outcome"],
+            "RPCs answered, by gRPC status code",
+            ["rpc", "model", "version", "code"],
             registry=self.registry,
         )
-        self.request_seconds = Histogram(
+        self.request_duration = Histogram(
             "mnist37_request_duration_seconds",
-            "Time from accepting an inference to answering it",
+            "Server-side time from receiving an RPC to answering it, errors included",
+            ["rpc", "model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.queue_duration = Histogram(
+            "mnist37_queue_duration_seconds",
+            "Wait in the batcher of each batch's oldest request before its onnxruntime call",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.inference_duration = Histogram(
+            "mnist37_inference_duration_seconds",
+            "Duration of one onnxruntime call (one batch)",
             ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
         self.batch_size = Histogram(
             "mnist37_batch_size",
             "Images per onnxruntime call",
-            ["model", "version"],
-            buckets=_BATCH_BUCKETS,
+            ["model"],
+            buckets=BATCH_BUCKETS,
             registry=self.registry,
         )
-        self.queue_seconds = Histogram(
-            "mnist37_queue_duration_seconds",
-            "Wait of a batch's oldest request before its onnxruntime call",
-            ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
+        self.images = Counter(
+            "mnist37_images",
+            "Images classified, by predicted digit",
+            ["model", "version", "digit"],
             registry=self.registry,
         )
-        self.infer_seconds = Histogram(
-            "mnist37_inference_duration_seconds",
-            "Duration of one onnxruntime call",
+        self.probability = Histogram(
+            "mnist37_probability",
+            "P(7) of each classified image: a shift in this distribution is input drift",
             ["model", "version"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=PROBABILITY_BUCKETS,
+            registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "mnist37_inflight_requests",
+            "Inference requests (ModelInfer, Classify) being handled",
             registry=self.registry,
         )
         self.model_info = Gauge(
-            "mnist37_model_loaded",
-            "1 for each loaded model version, labelled with its onnxruntime provider",
-            ["model", "version", "provider"],
+            "mnist37_model_info",
+            "1 for each loaded model version, with its architecture and onnxruntime provider",
+            ["model", "version", "arch", "provider"],
             registry=self.registry,
         )
+        self.model_loads = Counter(
+            "mnist37_model_load",
+            "Model version loads (startup and reloads), by result",
+            ["model", "result"],
+            registry=self.registry,
+        )
+        self._probability_bounds = np.array([*PROBABILITY_BUCKETS, float("inf")], dtype=np.float64)
+        self._rpc_series: dict[tuple[str, str, str, str], _RpcSeries] = {}
+        self._version_series: dict[tuple[str, str], _VersionSeries] = {}
+        self._batch_series: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
+        _check_histogram_internals(self.probability.labels("", ""))
+        self.probability.remove("", "")
 
-    def model_loaded(self, model: str, version: str, provider: str) -> None:
-        self.model_info.labels(model, version, provider).set(1)
+    def watch_in_flight(self, read: Callable[[], int]) -> None:
+        self.in_flight.set_function(read)
 
-    def model_unloaded(self, model: str, version: str, provider: str) -> None:
-        self.model_info.remove(model, version, provider)
+    def rpc_finished(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
+        key = (rpc, model, version, code)
+        series = self._rpc_series.get(key)
+        if series is None:
+            series = self._rpc_series[key] = _RpcSeries(
+                self.requests.labels(rpc, model, version, code),
+                self.request_duration.labels(rpc, model),
+            )
+        series.requests.inc()
+        series.duration.observe(seconds)
 
-    def request_finished(self, model: str, version: str, outcome: str, seconds: float) -> None:
-        self.requests.labels(model, version, outcome).inc()
-        if outcome == "success":
-            self.request_seconds.labels(model, version).observe(seconds)
+    def predictions_made(
+        self, model: str, version: str, probability: np.ndarray, digit: np.ndarray
+    ) -> None:
+        series = self._version_series.get((model, version))
+        if series is None:
+            series = self._version_series[(model, version)] = _VersionSeries(
+                {number: self.images.labels(model, version, str(number)) for number in DIGITS},
+                self.images.labels(model, version, OTHER_DIGIT),
+                self.probability.labels(model, version),
+            )
+        count = len(digit)
+        if count < VECTORISE_FROM:
+            observe = series.probability.observe
+            for value in probability.tolist():
+                if value == value:  # a NaN would turn the histogram's sum into NaN for good
+                    observe(value)
+            for number in digit.tolist():
+                series.images.get(number, series.other_images).inc()
+            return
+        _observe_many(series.probability, self._probability_bounds, probability)
+        counted = 0
+        for number, counter in series.images.items():
+            found = int(np.count_nonzero(digit == number))
+            if found:
+                counter.inc(found)
+                counted += found
+        if counted < count:
+            series.other_images.inc(count - counted)
 
     def batch_executed(
         self, model: str, version: str, batch_size: int, queue_seconds: float, infer_seconds: float
     ) -> None:
-        self.batch_size.labels(model, version).observe(batch_size)
-        self.queue_seconds.labels(model, version).observe(queue_seconds)
-        self.infer_seconds.labels(model, version).observe(infer_seconds)
+        children = self._batch_series.get((model, version))
+        if children is None:
+            children = self._batch_series[(model, version)] = (
+                self.batch_size.labels(model),
+                self.queue_duration.labels(model),
+                self.inference_duration.labels(model, version),
+            )
+        sizes, queue, inference = children
+        sizes.observe(batch_size)
+        queue.observe(queue_seconds)
+        inference.observe(infer_seconds)
+
+    def model_loaded(self, model: str, version: str, arch: str, provider: str) -> None:
+        self.model_info.labels(model, version, arch, provider).set(1)
+        self.model_loads.labels(model, "success").inc()
+
+    def model_unloaded(self, model: str, version: str, arch: str, provider: str) -> None:
+        with contextlib.suppress(KeyError):  # never reported as loaded
+            self.model_info.remove(model, version, arch, provider)
+
+    def model_load_failed(self, model: str) -> None:
+        self.model_loads.labels(model, "failure").inc()
 
     def serve(self, host: str, port: int) -> None:
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
@@ -87,3 +201,33 @@ class PrometheusObserver:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+def _check_histogram_internals(child: Histogram) -> None:
+    """`_observe_many` writes prometheus_client's per-bucket values directly; fail at
+    startup, not on the first large request, if a new release changes them."""
+    buckets = getattr(child, "_buckets", None)
+    upper_bounds = getattr(child, "_upper_bounds", None)
+    if (
+        not isinstance(buckets, list)
+        or upper_bounds is None
+        or len(buckets) != len(upper_bounds)
+        or not hasattr(buckets[0], "inc")
+        or not hasattr(getattr(child, "_sum", None), "inc")
+    ):
+        raise RuntimeError("prometheus_client's Histogram internals changed: update metrics.py")
+
+
+def _observe_many(child: Histogram, upper_bounds: np.ndarray, values: np.ndarray) -> None:
+    """The same as `child.observe(v)` for every non-NaN v, in one pass: prometheus_client
+    stores per-bucket (not cumulative) counts and puts v in the first bucket with v <= bound,
+    which is what `searchsorted(side="left")` finds. NaN sorts past +Inf, into the extra
+    last slot, which is dropped."""
+    counts = np.bincount(np.searchsorted(upper_bounds, values), minlength=len(upper_bounds) + 1)
+    buckets = child._buckets
+    for index in np.flatnonzero(counts[:-1]).tolist():
+        buckets[index].inc(int(counts[index]))
+    total = float(values.sum(dtype=np.float64))
+    if total != total:
+        total = float(np.nansum(values, dtype=np.float64))
+    child._sum.inc(total)

@@ -1,15 +1,16 @@
 """The loaded model versions, keyed by (name, version).
 
 The registry holds one immutable mapping and replaces it whole (`swap`), so a request sees
-either the old set of models or the new one. A reload builds new `LoadedModel`s off to the
-side, swaps them in, then retires the ones that left once their in-flight requests finish.
+either the old set of models or the new one. A reload (`serving.reloader`) builds new
+`LoadedModel`s off to the side, swaps them in, then unloads the ones that left once their
+in-flight requests finish.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +18,9 @@ from types import MappingProxyType
 
 from serving.batcher import BatchListener, DynamicBatcher
 from serving.errors import ModelNotFound
-from serving.repository import ModelVersion, RepositoryError, latest_version, list_models
-from serving.runtime import DeviceUnavailable, ModelLoadError, ModelRuntime, RuntimeOptions
-from serving.stats import InferenceStats
+from serving.repository import ModelVersion, RepositoryError
+from serving.runtime import ModelRuntime, RuntimeOptions
+from serving.stats import InferenceStats, card_architecture
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,16 @@ class LoadedModel:
     card: Mapping[str, object]
     stats: InferenceStats
     in_flight: int = 0
+    unloaded: bool = False
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @property
     def version_label(self) -> str:
         return str(self.version)
+
+    @property
+    def architecture(self) -> str:
+        return card_architecture(self.card)
 
     @property
     def provider(self) -> str:
@@ -59,10 +65,17 @@ class LoadedModel:
             self._idle.set()
 
     async def wait_idle(self) -> None:
-        """Returns once no request is using this model version."""
+        """Returns once no request is using this model version (any number may wait)."""
         while self.in_flight:
-            self._idle = asyncio.Event()
+            if self._idle is None or self._idle.is_set():
+                self._idle = asyncio.Event()
             await self._idle.wait()
+
+    def unload(self) -> None:
+        """Marks the version unloaded. Nothing is torn down: the onnxruntime session is
+        freed with the last reference, so a request that resolved this version just before
+        it left the registry still finishes on it instead of failing."""
+        self.unloaded = True
 
 
 ModelMap = Mapping[str, Mapping[int, LoadedModel]]
@@ -71,6 +84,7 @@ ModelMap = Mapping[str, Mapping[int, LoadedModel]]
 class ModelRegistry:
     def __init__(self) -> None:
         self._models: ModelMap = MappingProxyType({})
+        self._load_failures: Mapping[tuple[str, int], str] = MappingProxyType({})
 
     def swap(self, models: Iterable[LoadedModel]) -> list[LoadedModel]:
         """Serve exactly `models` from now on; returns the entries that left."""
@@ -114,6 +128,15 @@ class ModelRegistry:
     def is_ready(self) -> bool:
         return bool(self._models)
 
+    @property
+    def load_failures(self) -> Mapping[tuple[str, int], str]:
+        """(model, version) -> why that version is not served, for versions that failed to
+        load and are still in the repository unchanged."""
+        return self._load_failures
+
+    def set_load_failures(self, failures: Mapping[tuple[str, int], str]) -> None:
+        self._load_failures = MappingProxyType(dict(failures))
+
 
 def load_model_version(
     model_version: ModelVersion,
@@ -138,13 +161,6 @@ def load_model_version(
         stats=stats,
         on_batch=on_batch,
     )
-    log.info(
-        "loaded model %s version %d from %s on %s",
-        model_version.name,
-        model_version.version,
-        model_version.path,
-        runtime.provider,
-    )
     return LoadedModel(
         name=model_version.name,
         version=model_version.version,
@@ -154,34 +170,3 @@ def load_model_version(
         card=card,
         stats=stats,
     )
-
-
-def latest_versions(repository: Path) -> list[ModelVersion]:
-    """The newest published version of every model in the repository."""
-    found = (latest_version(repository, name) for name in list_models(repository))
-    return [version for version in found if version is not None]
-
-
-def load_latest(
-    repository: Path,
-    runtime_options: RuntimeOptions,
-    batching: BatchingOptions,
-    executor: Executor,
-    listener_for: Callable[[ModelVersion], BatchListener] | None = None,
-) -> list[LoadedModel]:
-    """Load the newest version of every model. A device problem stops everything; a broken
-    model version is logged and skipped so the others are still served."""
-    loaded = []
-    for model_version in latest_versions(repository):
-        on_batch = listener_for(model_version) if listener_for else None
-        try:
-            loaded.append(
-                load_model_version(model_version, runtime_options, batching, executor, on_batch)
-            )
-        except DeviceUnavailable:
-            raise
-        except (ModelLoadError, Exception) as error:  # onnxruntime has its own error types
-            log.error(
-                "not serving %s version %d: %s", model_version.name, model_version.version, error
-            )
-    return loaded

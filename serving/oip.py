@@ -1,13 +1,19 @@
 """The Open Inference Protocol servicer (`inference.GRPCInferenceService`), with Triton's
 ModelConfig, ModelStatistics and RepositoryIndex. Each RPC: protobuf -> plain values ->
-data plane -> protobuf."""
+data plane -> protobuf.
+
+`RpcCall` is the gRPC edge both servicers share: every RPC runs inside one, which turns a
+`ServingError` into its status code, counts the RPC by code with its model and version
+(bounded labels), times it, and logs it once if it failed.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from importlib import metadata
 from pathlib import Path
-from typing import NoReturn
 
 import grpc
 
@@ -33,7 +39,11 @@ from serving.repository import list_models, list_versions
 from serving.runtime import CUDA_PROVIDER, IMAGE_SIDE, INPUT_NAME, OUTPUT_NAMES
 from serving.stats import Duration
 
+log = logging.getLogger("serving.rpc")
+
 SERVER_NAME = "mnist37"
+UNKNOWN_MODEL = "_unknown"
+MAX_LOGGED_NAME = 100
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
@@ -50,9 +60,108 @@ _CONFIG_TYPES = {
 }
 
 
-async def abort(context: grpc.aio.ServicerContext, error: ServingError) -> NoReturn:
-    await context.abort(_STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error))
-    raise AssertionError("unreachable: abort raises")
+_CLIENT_SIDE = {
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.NOT_FOUND,
+    grpc.StatusCode.UNAVAILABLE,
+}
+
+
+class RpcCall:
+    """`async with RpcCall(dataplane, "ModelInfer", context) as call:` around an RPC's whole
+    handling. Inside, `call.resolve(name, version)` finds the model (and labels the RPC
+    with it); raising a `ServingError` answers with its status code. With
+    `inference=True` the RPC counts as in flight, which a graceful drain waits for."""
+
+    __slots__ = (
+        "_context",
+        "_dataplane",
+        "_inference",
+        "_requested_version",
+        "_start",
+        "model",
+        "requested",
+        "rpc",
+        "version",
+    )
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        inference: bool = False,
+    ) -> None:
+        self._dataplane = dataplane
+        self._context = context
+        self._inference = inference
+        self.rpc = rpc
+        self.model = ""
+        self.version = ""
+        self.requested = ""
+        self._requested_version = ""
+
+    def resolve(self, name: str, version: str = "") -> LoadedModel:
+        self.name_model(name)
+        self._requested_version = version
+        loaded = self._dataplane.resolve(name, version)
+        self.version = loaded.version_label
+        return loaded
+
+    def name_model(self, name: str) -> None:
+        """Label the RPC with model `name`: kept if such a model is loaded, else the fixed
+        "_unknown", so clients cannot create label values."""
+        self.requested = name
+        self.model = name if self._dataplane.registry.versions(name) else UNKNOWN_MODEL
+
+    async def __aenter__(self) -> RpcCall:
+        if self._inference:
+            self._dataplane.in_flight += 1
+        self._start = time.perf_counter()
+        return self
+
+    async def __aexit__(self, error_type: type | None, error: BaseException | None, _tb) -> None:
+        seconds = time.perf_counter() - self._start
+        if self._inference:
+            self._dataplane.in_flight -= 1
+        if error is None:
+            self._dataplane.observer.rpc_finished(self.rpc, self.model, self.version, "OK", seconds)
+            return
+        if isinstance(error, ServingError):
+            code, details = _STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error)
+        elif isinstance(error, asyncio.CancelledError):
+            code, details = grpc.StatusCode.CANCELLED, "cancelled by the client or its deadline"
+        elif isinstance(error, grpc.aio.AbortError):
+            code, details = self._context.code() or grpc.StatusCode.UNKNOWN, ""
+        elif isinstance(error, Exception):
+            code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
+        else:
+            return  # KeyboardInterrupt, SystemExit: not a request's outcome
+        observer = self._dataplane.observer
+        observer.rpc_finished(self.rpc, self.model, self.version, code.name, seconds)
+        self._log_failure(code, details, error)
+        if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+            await self._context.abort(code, details)
+
+    def _log_failure(self, code: grpc.StatusCode, details: str, error: BaseException) -> None:
+        internal = code not in _CLIENT_SIDE
+        log.log(
+            logging.ERROR if internal else logging.WARNING,
+            "%s failed: %s: %s",
+            self.rpc,
+            code.name,
+            details,
+            exc_info=error if internal else None,
+            extra={
+                "rpc": self.rpc,
+                "model": self.requested[:MAX_LOGGED_NAME],
+                "version": self.version or self._requested_version[:MAX_LOGGED_NAME],
+                "code": code.name,
+                "peer": self._context.peer(),
+            },
+        )
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
@@ -79,29 +188,38 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._version = server_version()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        async with RpcCall(self.dataplane, "ServerLive", context):
+            return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.dataplane.accepting and self.registry.is_ready())
+        async with RpcCall(self.dataplane, "ServerReady", context):
+            ready = self.dataplane.accepting and self.registry.is_ready()
+            return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        try:
-            self.registry.resolve(request.name, request.version)
-        except ModelNotFound:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=self.dataplane.accepting)
+        async with RpcCall(self.dataplane, "ModelReady", context) as call:
+            try:
+                call.resolve(request.name, request.version)
+            except ModelNotFound:
+                return pb.ModelReadyResponse(ready=False)
+            return pb.ModelReadyResponse(ready=self.dataplane.accepting)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context
     ) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(
-            name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
-        )
+        async with RpcCall(self.dataplane, "ServerMetadata", context):
+            return pb.ServerMetadataResponse(
+                name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
+            )
 
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context
     ) -> pb.ModelMetadataResponse:
-        model = await self._resolve(request.name, request.version, context)
+        async with RpcCall(self.dataplane, "ModelMetadata", context) as call:
+            model = call.resolve(request.name, request.version)
+            return self._model_metadata(model)
+
+    def _model_metadata(self, model: LoadedModel) -> pb.ModelMetadataResponse:
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=model.name,
@@ -117,27 +235,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        with self.dataplane.activity():
-            model = await self._resolve(request.model_name, request.model_version, context)
+        async with RpcCall(self.dataplane, "ModelInfer", context, inference=True) as call:
+            model = call.resolve(request.model_name, request.model_version)
             try:
                 decoded = decode_infer_request(request, self.dataplane.max_request_images)
             except InvalidInput as error:
                 self.dataplane.record_rejected(model, error)
-                await abort(context, error)
-            try:
-                result = await self.dataplane.infer(model, decoded.images, deadline_of(context))
-            except ServingError as error:
-                await abort(context, error)
-        response = pb.ModelInferResponse(
-            model_name=result.model_name, model_version=result.model_version, id=request.id
-        )
-        return encode_infer_response(
-            response, decoded.outputs, result.probability, result.digit, decoded.raw
-        )
+                raise
+            result = await self.dataplane.infer(model, decoded.images, deadline_of(context))
+            response = pb.ModelInferResponse(
+                model_name=result.model_name, model_version=result.model_version, id=request.id
+            )
+            return encode_infer_response(
+                response, decoded.outputs, result.probability, result.digit, decoded.raw
+            )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
-        model = await self._resolve(request.name, request.version, context)
-        return pb.ModelConfigResponse(config=self._model_config(model))
+        async with RpcCall(self.dataplane, "ModelConfig", context) as call:
+            model = call.resolve(request.name, request.version)
+            return pb.ModelConfigResponse(config=self._model_config(model))
 
     def _model_config(self, model: LoadedModel) -> config_pb.ModelConfig:
         image_dims = [IMAGE_SIDE, IMAGE_SIDE]
@@ -189,22 +305,30 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context
     ) -> pb.ModelStatisticsResponse:
-        if request.name:
-            if request.version:
-                models = [await self._resolve(request.name, request.version, context)]
-            else:
+        async with RpcCall(self.dataplane, "ModelStatistics", context) as call:
+            if request.name and request.version:
+                models = [call.resolve(request.name, request.version)]
+            elif request.name:
+                call.name_model(request.name)
                 models = self.registry.versions(request.name)
                 if not models:
-                    await abort(context, ModelNotFound(f"model {request.name!r} is not loaded"))
-        else:
-            models = self.registry.all()
-        return pb.ModelStatisticsResponse(model_stats=[_statistics(model) for model in models])
+                    raise ModelNotFound(f"model {request.name!r} is not loaded")
+            else:
+                models = self.registry.all()
+            return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
 
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context
     ) -> pb.RepositoryIndexResponse:
+        async with RpcCall(self.dataplane, "RepositoryIndex", context):
+            return await self._repository_index(request)
+
+    async def _repository_index(
+        self, request: pb.RepositoryIndexRequest
+    ) -> pb.RepositoryIndexResponse:
         on_disk = await asyncio.to_thread(_scan_repository, self.repository)
         loaded = {(model.name, model.version) for model in self.registry.all()}
+        failures = self.registry.load_failures
         index = pb.RepositoryIndexResponse.ModelIndex
         entries = []
         for name, versions in on_disk:
@@ -217,16 +341,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         name=name,
                         version=str(version),
                         state="READY" if ready else "UNAVAILABLE",
-                        reason="" if ready else "not loaded: the server serves the newest version",
+                        reason=""
+                        if ready
+                        else failures.get(
+                            (name, version), "not loaded: outside the version policy"
+                        ),
                     )
                 )
         return pb.RepositoryIndexResponse(models=entries)
-
-    async def _resolve(self, name: str, version: str, context) -> LoadedModel:
-        try:
-            return self.registry.resolve(name, version)
-        except ModelNotFound as error:
-            await abort(context, error)
 
 
 def _scan_repository(repository: Path) -> list[tuple[str, list[int]]]:

@@ -26,9 +26,11 @@ from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
+from serving.logs import configure_logging
 from serving.metrics import PrometheusObserver
-from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_latest
+from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.oip import InferenceServicer
+from serving.reloader import ModelReloader
 from serving.repository import ModelVersion
 from serving.runtime import PIXELS, DeviceUnavailable, RuntimeOptions
 
@@ -52,6 +54,15 @@ class InferenceServer:
             max_workers=config.inference_threads, thread_name_prefix="onnxruntime"
         )
         self.health = health.aio.HealthServicer()
+        self.reloader = ModelReloader(
+            config.repository,
+            self.registry,
+            self._load_version,
+            self.dataplane.observer,
+            keep_versions=config.keep_versions,
+            poll_interval=config.poll_interval,
+            on_change=self._update_health,
+        )
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
 
@@ -59,9 +70,28 @@ class InferenceServer:
         config = self.config
         if not config.repository.is_dir():
             raise StartupError(f"model repository {config.repository} is not a directory")
-        models = await asyncio.to_thread(
-            load_latest,
-            config.repository,
+        await self.reloader.start()
+        if not self.registry.is_ready():
+            log.warning(
+                "no loadable model in %s: the server is live but not ready", config.repository
+            )
+        self._build_grpc_server()
+        await self.grpc_server.start()
+        if self.observer is not None:
+            self.observer.serve(config.host, config.metrics_port)
+        await self._update_health()
+        log.info(
+            "serving %d model version(s) on %s (gRPC), metrics on %s",
+            len(self.registry.all()),
+            f"{config.host}:{self.port}",
+            config.metrics_port or "off",
+        )
+
+    def _load_version(self, model_version: ModelVersion) -> LoadedModel:
+        """Load, check and warm up one version (blocking: the reloader runs it in a thread)."""
+        config = self.config
+        return load_model_version(
+            model_version,
             RuntimeOptions(
                 config.device,
                 config.intra_op_threads,
@@ -70,25 +100,7 @@ class InferenceServer:
             ),
             BatchingOptions(config.max_batch_size, config.max_queue_delay_us / 1e6),
             self.executor,
-            self._batch_listener,
-        )
-        if not models:
-            log.warning(
-                "no loadable model in %s: the server is live but not ready", config.repository
-            )
-        self.registry.swap(models)
-        self._build_grpc_server()
-        await self.grpc_server.start()
-        if self.observer is not None:
-            self.observer.serve(config.host, config.metrics_port)
-            for model in models:
-                self.observer.model_loaded(model.name, model.version_label, model.provider)
-        await self._set_health(models, health_pb2.HealthCheckResponse.SERVING)
-        log.info(
-            "serving %d model version(s) on %s (gRPC), metrics on %s",
-            len(models),
-            f"{config.host}:{self.port}",
-            config.metrics_port or "off",
+            self._batch_listener(model_version),
         )
 
     def _batch_listener(self, model_version: ModelVersion) -> Callable[[int, float, float], None]:
@@ -134,12 +146,16 @@ class InferenceServer:
             raise StartupError(f"cannot listen on {config.grpc_address}")
         self.grpc_server = server
 
-    async def _set_health(self, models: Sequence[LoadedModel], status: int) -> None:
-        ready = status if models else health_pb2.HealthCheckResponse.NOT_SERVING
+    async def _update_health(self) -> None:
+        """SERVING for each model with a loaded version, NOT_SERVING for the other models
+        seen; the server and its services are SERVING while any model is."""
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        overall = serving if self.registry.is_ready() else not_serving
         for service in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
-            await self.health.set(service, ready)
-        for name in {model.name for model in models}:
-            await self.health.set(name, status)
+            await self.health.set(service, overall)
+        for name in self.reloader.known_models:
+            await self.health.set(name, serving if self.registry.versions(name) else not_serving)
 
     async def drain_and_stop(self, force: asyncio.Event | None = None) -> None:
         """Stop taking traffic gracefully: see the module docstring."""
@@ -162,6 +178,7 @@ class InferenceServer:
         if self.grpc_server is not None:
             grace = 0.0 if force and force.is_set() else max(0.0, deadline - loop.time())
             await self.grpc_server.stop(grace)
+        await self.reloader.stop()
         for model in self.registry.swap([]):
             await model.wait_idle()
         self.executor.shutdown(wait=True)
@@ -186,6 +203,12 @@ async def serve(config: ServerConfig) -> int:
 
     for number in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(number, on_signal, number)
+
+    def on_sighup() -> None:
+        log.info("SIGHUP received: scanning the model repository")
+        server.reloader.trigger()
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     try:
         await server.start()
     except BaseException:
@@ -200,11 +223,7 @@ async def serve(config: ServerConfig) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.log_format)
     try:
         return asyncio.run(serve(config))
     except (StartupError, DeviceUnavailable) as error:

@@ -1,14 +1,17 @@
 """What the server measures: per-model-version statistics (Triton's ModelStatistics) and
 the observer interface through which metrics exporters see the same events.
 
-Everything here is updated on the event loop thread only, so no locks are needed.
+The statistics are updated on the event loop thread only, so no locks are needed.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
+
+import numpy as np
 
 
 @dataclass
@@ -65,11 +68,30 @@ class InferenceStats:
         self.compute_output.add(output_ns * requests, requests)
 
 
-class InferenceObserver(Protocol):
-    """Receives what happens to requests and batches (a metrics exporter implements it)."""
+def card_architecture(card: Mapping[str, object]) -> str:
+    """The architecture named by a model card: published cards hold
+    `{"architecture": {"name": "linear", ...}}`, synthetic ones `{"architecture": "linear"}`."""
+    architecture = card.get("architecture", card.get("arch", ""))
+    if isinstance(architecture, Mapping):
+        architecture = architecture.get("name", "")
+    return architecture if isinstance(architecture, str) else ""
 
-    def request_finished(self, model: str, version: str, outcome: str, seconds: float) -> None:
-        """One request ended; outcome is "success" or an error kind (e.g. "invalid_argument")."""
+
+class InferenceObserver(Protocol):
+    """Receives what happens at the service's edges (a metrics exporter implements it).
+
+    Label values passed in are already bounded by the caller: `model` is a loaded model's
+    name, "_unknown" or "" (no model involved), `version` a loaded version or "", `code` a
+    `grpc.StatusCode` name. Called on the event loop thread, except `model_*`, which a
+    loader may call from any thread."""
+
+    def rpc_finished(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
+        """One RPC ended with status `code` after `seconds` on the server."""
+
+    def predictions_made(
+        self, model: str, version: str, probability: np.ndarray, digit: np.ndarray
+    ) -> None:
+        """A request's images were classified: P(7) and the digit of each."""
 
     def batch_executed(
         self, model: str, version: str, batch_size: int, queue_seconds: float, infer_seconds: float
@@ -77,12 +99,41 @@ class InferenceObserver(Protocol):
         """One onnxruntime call ran `batch_size` images; `queue_seconds` is its oldest
         request's wait."""
 
+    def model_loaded(self, model: str, version: str, arch: str, provider: str) -> None:
+        """A model version was loaded (at startup or by a reload) and now serves."""
+
+    def model_unloaded(self, model: str, version: str, arch: str, provider: str) -> None:
+        """A model version stopped serving."""
+
+    def model_load_failed(self, model: str) -> None:
+        """Loading a version of `model` failed; it is not served."""
+
+    def watch_in_flight(self, read: Callable[[], int]) -> None:
+        """`read()` returns the number of inference requests in flight, whenever asked."""
+
 
 class NullObserver:
-    def request_finished(self, model: str, version: str, outcome: str, seconds: float) -> None:
+    def rpc_finished(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
+        pass
+
+    def predictions_made(
+        self, model: str, version: str, probability: np.ndarray, digit: np.ndarray
+    ) -> None:
         pass
 
     def batch_executed(
         self, model: str, version: str, batch_size: int, queue_seconds: float, infer_seconds: float
     ) -> None:
+        pass
+
+    def model_loaded(self, model: str, version: str, arch: str, provider: str) -> None:
+        pass
+
+    def model_unloaded(self, model: str, version: str, arch: str, provider: str) -> None:
+        pass
+
+    def model_load_failed(self, model: str) -> None:
+        pass
+
+    def watch_in_flight(self, read: Callable[[], int]) -> None:
         pass

@@ -1,0 +1,370 @@
+"""Every Prometheus metric moves as it should: the real server in this process (gRPC on a
+free port), driven by an aio client, read through the observer's registry."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import urllib.request
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import free_port, infer_request
+from prometheus_client import CollectorRegistry, Histogram
+
+from serving.config import ServerConfig
+from serving.errors import DeadlineExpired, InvalidInput
+from serving.generated.inference import grpc_service_pb2 as pb
+from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from serving.generated.mnist37.v1 import classifier_pb2, classifier_pb2_grpc
+from serving.metrics import PROBABILITY_BUCKETS, VECTORISE_FROM, PrometheusObserver
+from serving.oip import RpcCall
+from serving.repository import latest_version
+from serving.runtime import ModelRuntime
+from serving.server import InferenceServer
+
+
+@asynccontextmanager
+async def running_server(repository: Path, **settings: object) -> AsyncIterator[InferenceServer]:
+    config = ServerConfig(
+        repository=repository,
+        host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=free_port(),
+        poll_interval=0.0,
+        drain_quiet_period=0.0,
+        **settings,
+    )
+    server = InferenceServer(config)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.drain_and_stop()
+
+
+@asynccontextmanager
+async def stubs(server: InferenceServer):
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+        yield pb_grpc.GRPCInferenceServiceStub(channel), classifier_pb2_grpc.ClassifierStub(channel)
+
+
+def value(server: InferenceServer, name: str, **labels: str) -> float:
+    found = server.observer.registry.get_sample_value(name, labels)
+    return 0.0 if found is None else found
+
+
+def label_sets(server: InferenceServer, family: str) -> list[dict[str, str]]:
+    for metric in server.observer.registry.collect():
+        if metric.name == family:
+            return [sample.labels for sample in metric.samples]
+    return []
+
+
+async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await call
+    return raised.value.code()
+
+
+def run(scenario: Callable[[], Awaitable[None]]) -> None:
+    asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def offline(model_repository):
+    return ModelRuntime(latest_version(model_repository, "mnist37").model_path)
+
+
+def test_a_successful_inference_moves_every_metric(model_repository, test_digits, offline):
+    images = test_digits[0][:100]
+    probability, digit = offline.predict(images)
+
+    async def scenario() -> None:
+        async with running_server(model_repository) as server, stubs(server) as (oip, classify):
+            assert value(server, "mnist37_model_info", **model_info("mnist37", "2")) == 1
+            assert value(server, "mnist37_model_info", **model_info("other", "1")) == 1
+            assert value(server, "mnist37_model_load_total", model="mnist37", result="success")
+            assert value(server, "mnist37_inflight_requests") == 0
+
+            response = await oip.ModelInfer(infer_request(images))
+            assert response.model_version == "2"
+            ok = {"rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
+            assert value(server, "mnist37_requests_total", **ok) == 1
+            duration = {"rpc": "ModelInfer", "model": "mnist37"}
+            assert value(server, "mnist37_request_duration_seconds_count", **duration) == 1
+            assert 0 < value(server, "mnist37_request_duration_seconds_sum", **duration) < 5
+            version = {"model": "mnist37", "version": "2"}
+            for number in (3, 7):
+                expected = int((digit == number).sum())
+                assert value(server, "mnist37_images_total", digit=str(number), **version) == (
+                    expected
+                )
+            assert value(server, "mnist37_images_total", digit="other", **version) == 0
+            assert value(server, "mnist37_probability_count", **version) == 100
+            assert value(server, "mnist37_probability_sum", **version) == pytest.approx(
+                float(probability.sum()), rel=1e-5
+            )
+            for bound in PROBABILITY_BUCKETS:
+                assert value(server, "mnist37_probability_bucket", le=str(bound), **version) == int(
+                    (probability <= bound).sum()
+                ), bound
+            assert value(server, "mnist37_batch_size_count", model="mnist37") == 2  # 64 + 36
+            assert value(server, "mnist37_batch_size_sum", model="mnist37") == 100
+            assert value(server, "mnist37_queue_duration_seconds_count", model="mnist37") == 2
+            assert value(server, "mnist37_inference_duration_seconds_count", **version) == 2
+            assert value(server, "mnist37_inference_duration_seconds_sum", **version) > 0
+
+            request = classifier_pb2.ClassifyRequest()
+            request.images.add(pixels=images[0].tobytes())
+            await classify.Classify(request)
+            classify_ok = {**ok, "rpc": "Classify"}
+            assert value(server, "mnist37_requests_total", **classify_ok) == 1
+            assert value(server, "mnist37_probability_count", **version) == 101
+            assert value(server, "mnist37_inflight_requests") == 0
+
+            await oip.ServerLive(pb.ServerLiveRequest())
+            live = {"rpc": "ServerLive", "model": "", "version": "", "code": "OK"}
+            assert value(server, "mnist37_requests_total", **live) == 1
+            await oip.ModelReady(pb.ModelReadyRequest(name="other"))
+            ready = {"rpc": "ModelReady", "model": "other", "version": "1", "code": "OK"}
+            assert value(server, "mnist37_requests_total", **ready) == 1
+            # nothing but the edge moved anything for the other model
+            assert value(server, "mnist37_probability_count", model="other", version="1") == 0
+
+            with urllib.request.urlopen(
+                f"http://127.0.0.1:{server.config.metrics_port}/metrics", timeout=5
+            ) as page:
+                exposition = page.read().decode()
+            assert 'mnist37_requests_total{code="OK",model="mnist37",rpc="ModelInfer",' in (
+                exposition
+            )
+
+    run(scenario)
+
+
+def model_info(model: str, version: str) -> dict[str, str]:
+    return {
+        "model": model,
+        "version": version,
+        "arch": "linear",
+        "provider": "CPUExecutionProvider",
+    }
+
+
+def test_every_error_kind_is_counted_with_bounded_labels(model_repository, test_digits, caplog):
+    images = test_digits[0][:2]
+    invalid = grpc.StatusCode.INVALID_ARGUMENT
+
+    async def scenario() -> None:
+        async with running_server(model_repository) as server, stubs(server) as (oip, classify):
+            for number in range(50):  # clients cannot mint label values
+                request = infer_request(images, model=f"no-such-model-{number}")
+                assert await status_of(oip.ModelInfer(request)) == grpc.StatusCode.NOT_FOUND
+            bad_version = infer_request(images, version="9")
+            assert await status_of(oip.ModelInfer(bad_version)) == grpc.StatusCode.NOT_FOUND
+            metadata = oip.ModelMetadata(pb.ModelMetadataRequest(name="nope"))
+            assert await status_of(metadata) == grpc.StatusCode.NOT_FOUND
+            wrong_type = infer_request(images)
+            wrong_type.inputs[0].datatype = "FP32"
+            assert await status_of(oip.ModelInfer(wrong_type)) == invalid
+            bad_png = classifier_pb2.ClassifyRequest()
+            bad_png.images.add(png=b"\x89PNG\r\n\x1a\nnot really")
+            assert await status_of(classify.Classify(bad_png)) == invalid
+
+            def boom(*_: object, **__: object) -> None:
+                raise RuntimeError("onnxruntime fell over")
+
+            server.dataplane.infer = boom
+            assert await status_of(oip.ModelInfer(infer_request(images))) == (
+                grpc.StatusCode.INTERNAL
+            )
+            del server.dataplane.infer
+            server.dataplane.accepting = False
+            assert await status_of(oip.ModelInfer(infer_request(images))) == (
+                grpc.StatusCode.UNAVAILABLE
+            )
+            server.dataplane.accepting = True
+
+            def requests(rpc: str, model: str, version: str, code: str) -> float:
+                labels = {"rpc": rpc, "model": model, "version": version, "code": code}
+                return value(server, "mnist37_requests_total", **labels)
+
+            assert requests("ModelInfer", "_unknown", "", "NOT_FOUND") == 50
+            assert requests("ModelInfer", "mnist37", "", "NOT_FOUND") == 1
+            assert requests("ModelMetadata", "_unknown", "", "NOT_FOUND") == 1
+            assert requests("ModelInfer", "mnist37", "2", "INVALID_ARGUMENT") == 1
+            assert requests("Classify", "mnist37", "2", "INVALID_ARGUMENT") == 1
+            assert requests("ModelInfer", "mnist37", "2", "INTERNAL") == 1
+            assert requests("ModelInfer", "mnist37", "2", "UNAVAILABLE") == 1
+            models = {labels["model"] for labels in label_sets(server, "mnist37_requests")}
+            assert models == {"_unknown", "mnist37"}
+            durations = {"rpc": "ModelInfer", "model": "_unknown"}
+            assert value(server, "mnist37_request_duration_seconds_count", **durations) == 50
+            # failed requests classified nothing and left nothing in flight
+            assert value(server, "mnist37_probability_count", model="mnist37", version="2") == 0
+            assert value(server, "mnist37_batch_size_count", model="mnist37") == 0
+            assert value(server, "mnist37_inflight_requests") == 0
+            assert server.dataplane.in_flight == 0
+            # the Triton statistics still count the request refused after resolving
+            statistics = await oip.ModelStatistics(pb.ModelStatisticsRequest(name="mnist37"))
+            assert statistics.model_stats[0].inference_stats.fail.count >= 1
+
+    with caplog.at_level(logging.WARNING, logger="serving.rpc"):
+        run(scenario)
+    failures = [record for record in caplog.records if record.name == "serving.rpc"]
+    assert len(failures) == 50 + 6  # one line per failed request, none for successes
+    internal = [record for record in failures if record.code == "INTERNAL"]
+    assert len(internal) == 1 and internal[0].levelno == logging.ERROR
+    assert internal[0].exc_info and "onnxruntime fell over" in str(internal[0].exc_info[1])
+    unknown = failures[0]
+    assert unknown.levelno == logging.WARNING
+    assert (unknown.rpc, unknown.model, unknown.version, unknown.code) == (
+        "ModelInfer",
+        "no-such-model-0",
+        "",
+        "NOT_FOUND",
+    )
+    assert unknown.peer.startswith("ipv4:127.0.0.1:")
+    bad_version = failures[50]
+    assert (bad_version.model, bad_version.version) == ("mnist37", "9")
+
+
+def test_sixteen_concurrent_single_images_form_batches(model_repository, test_digits):
+    images = test_digits[0]
+
+    async def scenario() -> None:
+        async with (
+            running_server(model_repository, max_queue_delay_us=50_000) as server,
+            stubs(server) as (oip, _),
+        ):
+            calls = [
+                asyncio.ensure_future(oip.ModelInfer(infer_request(images[i : i + 1])))
+                for i in range(16)
+            ]
+            in_flight_seen = 0.0
+            deadline = asyncio.get_running_loop().time() + 10
+            while not all(call.done() for call in calls):
+                in_flight_seen = max(in_flight_seen, value(server, "mnist37_inflight_requests"))
+                assert asyncio.get_running_loop().time() < deadline
+                await asyncio.sleep(0.001)
+            await asyncio.gather(*calls)
+            ok = {"rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
+            assert value(server, "mnist37_requests_total", **ok) == 16
+            batches = value(server, "mnist37_batch_size_count", model="mnist37")
+            single = value(server, "mnist37_batch_size_bucket", model="mnist37", le="1.0")
+            assert value(server, "mnist37_batch_size_sum", model="mnist37") == 16
+            assert batches - single >= 1, "no batch held more than one image"
+            assert batches < 16
+            assert in_flight_seen > 1
+            assert value(server, "mnist37_inflight_requests") == 0
+            queue = value(server, "mnist37_queue_duration_seconds_sum", model="mnist37")
+            assert queue >= 0.01 * batches  # each batch waited for company
+
+    run(scenario)
+
+
+class FakeContext:
+    def __init__(self) -> None:
+        self.aborted: tuple[grpc.StatusCode, str] | None = None
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.aborted = (code, details)
+        raise grpc.aio.AbortError()
+
+    def code(self) -> grpc.StatusCode | None:
+        return self.aborted[0] if self.aborted else None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+@pytest.mark.parametrize(
+    ("raised", "code"),
+    [
+        (asyncio.CancelledError(), "CANCELLED"),
+        (DeadlineExpired("deadline passed while queued"), "DEADLINE_EXCEEDED"),
+        (InvalidInput("inputs[0].shape: no"), "INVALID_ARGUMENT"),
+        (ValueError("a bug"), "INTERNAL"),
+    ],
+)
+def test_rpc_edge_maps_every_exception_to_one_counted_code(raised, code):
+    from serving.dataplane import DataPlane
+    from serving.models import ModelRegistry
+
+    observer = PrometheusObserver()
+    dataplane = DataPlane(ModelRegistry(), 10, observer)
+    context = FakeContext()
+
+    async def scenario() -> None:
+        async with RpcCall(dataplane, "ModelInfer", context, inference=True) as call:
+            call.name_model("anything")
+            assert dataplane.in_flight == 1
+            raise raised
+
+    with pytest.raises((asyncio.CancelledError, grpc.aio.AbortError)):
+        run(scenario)
+    labels = {"rpc": "ModelInfer", "model": "_unknown", "version": "", "code": code}
+    assert observer.registry.get_sample_value("mnist37_requests_total", labels) == 1
+    assert dataplane.in_flight == 0
+    if code != "CANCELLED":
+        assert context.aborted is not None and context.aborted[0].name == code
+
+
+def test_vectorised_probabilities_equal_one_observation_each():
+    generator = np.random.default_rng(7)
+    edges = np.array([0.0, 0.5, 1.0, 0.01, 0.99, np.nan], dtype=np.float32)
+    for size in (1, VECTORISE_FROM - 1, VECTORISE_FROM, 1000):
+        probability = np.concatenate([generator.random(size, dtype=np.float32), edges])[:size]
+        if size >= VECTORISE_FROM:
+            probability = np.concatenate([probability, edges])
+        digit = np.where(probability >= 0.5, 7, 3).astype(np.int64)
+        digit[:1] = 5  # a broken model's digit is counted as "other", not as a new label
+        observer = PrometheusObserver()
+        observer.predictions_made("m", "1", probability, digit)
+        reference = Histogram("p", "", buckets=PROBABILITY_BUCKETS, registry=CollectorRegistry())
+        for item in probability.tolist():
+            if item == item:
+                reference.observe(item)
+        expected = {
+            sample.labels["le"]: sample.value
+            for sample in next(iter(reference.collect())).samples
+            if sample.name == "p_bucket"
+        }
+        registry = observer.registry
+        for le, count in expected.items():
+            labels = {"model": "m", "version": "1", "le": le}
+            assert registry.get_sample_value("mnist37_probability_bucket", labels) == count
+        finite = probability[~np.isnan(probability)]
+        observed_sum = registry.get_sample_value(
+            "mnist37_probability_sum", {"model": "m", "version": "1"}
+        )
+        assert observed_sum == pytest.approx(float(finite.sum(dtype=np.float64)), rel=1e-6)
+        images = {
+            name: registry.get_sample_value(
+                "mnist37_images_total", {"model": "m", "version": "1", "digit": name}
+            )
+            for name in ("3", "7", "other")
+        }
+        assert images["other"] == 1
+        assert sum(images.values()) == len(probability)
+
+
+def test_model_lifecycle_metrics():
+    observer = PrometheusObserver()
+    registry = observer.registry
+    info = {"model": "m", "version": "3", "arch": "mlp", "provider": "CPUExecutionProvider"}
+    observer.model_loaded("m", "3", "mlp", "CPUExecutionProvider")
+    observer.model_load_failed("m")
+    observer.model_load_failed("m")
+    assert registry.get_sample_value("mnist37_model_info", info) == 1
+    loads = "mnist37_model_load_total"
+    assert registry.get_sample_value(loads, {"model": "m", "result": "success"}) == 1
+    assert registry.get_sample_value(loads, {"model": "m", "result": "failure"}) == 2
+    observer.model_unloaded("m", "3", "mlp", "CPUExecutionProvider")
+    assert registry.get_sample_value("mnist37_model_info", info) is None
+    observer.model_unloaded("m", "3", "mlp", "CPUExecutionProvider")  # twice is harmless
