@@ -9,6 +9,9 @@ under concurrency, what arrives while a call runs forms the next batch. With a p
 A request larger than `max_batch_size` is split into chunks that queue like requests of
 their own. A request that is cancelled, or whose deadline passes, while queued is dropped
 before its batch is built. Each caller gets exactly its own rows, in order.
+
+After each successful call, `on_batch` gets the batch's image count, the queue wait of every
+queued item in it (a request, or one chunk of a split request) and the call's duration.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from serving.stats import InferenceStats
 
 Prediction = tuple[np.ndarray, np.ndarray]
 PredictFunction = Callable[[np.ndarray], Prediction]
-BatchListener = Callable[[int, float, float], None]
+# (images in the batch, each queued item's wait in seconds, onnxruntime seconds)
+BatchListener = Callable[[int, list[float], float], None]
 
 
 @dataclass(slots=True)
@@ -183,12 +187,12 @@ class DynamicBatcher:
                 )
             offset += rows
         output_ns = time.perf_counter_ns() - output_start
+        waits_ns = [start_ns - item.enqueued_ns for item in batch]
         stats = self.stats
-        for item in batch:
-            stats.queue.add(start_ns - item.enqueued_ns)
+        stats.queue.add(sum(waits_ns), len(waits_ns))
         stats.record_execution(offset, len(batch), input_ns, infer_ns, output_ns)
         if self._on_batch is not None:
-            self._on_batch(offset, (start_ns - batch[0].enqueued_ns) / 1e9, infer_ns / 1e9)
+            self._on_batch(offset, [wait_ns / 1e9 for wait_ns in waits_ns], infer_ns / 1e9)
 
 
 def _run_batch(predict: PredictFunction, parts: list[np.ndarray]) -> tuple[Prediction, int, int]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -36,19 +37,24 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         async with RpcCall(self.dataplane, "Classify", context, inference=True) as call:
-            model = call.resolve(request.model_name or DEFAULT_MODEL_NAME, request.model_version)
-            count = len(request.images)
-            if count > self.dataplane.max_request_images:
-                raise InvalidInput(
-                    f"images: {count} images exceed the limit of "
-                    f"{self.dataplane.max_request_images} per request (--max-request-images)"
-                )
-            if any(image.WhichOneof("data") == "png" for image in request.images):
-                images = await asyncio.to_thread(decode_images, list(request.images))
-            else:
-                images = decode_images(list(request.images))
+            name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
+            call.resolve(name, version)  # an unknown model fails before any decoding
+            images = await self._decode(request.images)
+            # Resolve again: a version retired while PNGs decoded must not be used.
+            model = call.resolve(name, version)
             result = await self.dataplane.infer(model, images, deadline_of(context))
             return _response(result)
+
+    async def _decode(self, images: Sequence[pb.Image]) -> np.ndarray:
+        limit = self.dataplane.max_request_images
+        if len(images) > limit:
+            raise InvalidInput(
+                f"images: {len(images)} images exceed the limit of {limit} per request "
+                "(--max-request-images)"
+            )
+        if any(image.WhichOneof("data") == "png" for image in images):
+            return await asyncio.to_thread(decode_images, list(images))
+        return decode_images(list(images))
 
 
 def _response(result: InferenceResult) -> pb.ClassifyResponse:

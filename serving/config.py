@@ -1,6 +1,9 @@
 """Every server setting in one place: a dataclass, its command-line flags and their
 environment variables (`--grpc-port` <-> `MNIST37_GRPC_PORT`). A flag beats its variable,
-which beats the default."""
+which beats the default.
+
+`python -m serving.config` prints the flag table of the README's "Serving" section (a test
+checks that the README's copy matches)."""
 
 from __future__ import annotations
 
@@ -37,6 +40,7 @@ class ServerConfig:
     keep_versions: int = 1
     log_level: str = "info"
     log_format: str = "json"
+    log_failures_per_second: int = 10
 
     @property
     def grpc_address(self) -> str:
@@ -45,11 +49,12 @@ class ServerConfig:
 
 
 _HELP = {
-    "repository": "model repository directory (<repo>/<model>/<version>/model.onnx)",
+    "repository": "model repository directory, laid out as REPO/MODEL/VERSION/model.onnx",
     "host": "address to listen on",
     "grpc_port": "gRPC port (Open Inference Protocol, Classifier, health, reflection)",
-    "metrics_port": "Prometheus metrics HTTP port; 0 turns metrics off",
-    "device": "onnxruntime execution provider: cpu, cuda (refuse to start without it) or auto",
+    "metrics_port": "Prometheus /metrics HTTP port; 0 turns metrics off",
+    "device": "onnxruntime execution provider (cuda refuses to start, saying why, without a "
+    "usable CUDA; auto falls back to CPU)",
     "intra_op_threads": "onnxruntime threads inside one operator (0: onnxruntime decides)",
     "inter_op_threads": "onnxruntime threads across operators (0: onnxruntime decides)",
     "graph_optimization": "onnxruntime graph optimisation level",
@@ -57,7 +62,8 @@ _HELP = {
     "1 turns batching off",
     "max_queue_delay_us": "most microseconds a request waits for others to join its batch "
     "(0: run at once when idle, batch only what queues up meanwhile)",
-    "max_request_images": "most images one request may carry (larger ones: INVALID_ARGUMENT)",
+    "max_request_images": "most images one request may carry, more is INVALID_ARGUMENT "
+    "(reported as max_batch_size in ModelConfig)",
     "inference_threads": "threads that run onnxruntime calls off the event loop",
     "shutdown_timeout": "seconds a SIGTERM/SIGINT drain may take before stopping anyway",
     "drain_quiet_period": "seconds without a request in flight that end a drain",
@@ -65,7 +71,9 @@ _HELP = {
     "(0: scan only on SIGHUP)",
     "keep_versions": "how many of each model's newest loadable versions to serve",
     "log_level": "logging level",
-    "log_format": "json (one object per line, for log collectors) or text",
+    "log_format": "log line format: one JSON object per line (for log collectors) or text",
+    "log_failures_per_second": "most failed-request log lines per second for each RPC and "
+    "status code; the rest are counted in one summary line (0: no limit)",
 }
 
 _CHOICES: Mapping[str, Sequence[str]] = {
@@ -85,6 +93,7 @@ _NON_NEGATIVE = {
     "shutdown_timeout",
     "drain_quiet_period",
     "poll_interval",
+    "log_failures_per_second",
 }
 
 
@@ -115,6 +124,27 @@ def build_parser(prog: str = "mnist37-serve") -> argparse.ArgumentParser:
             help=f"{_HELP[field.name]} [{env_var(field.name)}; default {default}]",
         )
     return parser
+
+
+def flag_table() -> str:
+    """The Markdown table of every flag `build_parser()` accepts: flag, variable, default,
+    meaning."""
+    defaults = ServerConfig()
+    rows = ["| flag | variable | default | meaning |", "| --- | --- | --- | --- |"]
+    for action in build_parser()._actions:
+        if action.dest == "help":
+            continue
+        meaning = _HELP[action.dest]
+        if action.choices:
+            meaning += "; one of " + ", ".join(f"`{choice}`" for choice in action.choices)
+        cells = (
+            f"`{action.option_strings[0]}`",
+            f"`{env_var(action.dest)}`",
+            f"`{getattr(defaults, action.dest)}`",
+            meaning.replace("|", "\\|"),
+        )
+        rows.append(f"| {' | '.join(cells)} |")
+    return "\n".join(rows) + "\n"
 
 
 def _checked(name: str, kind: type) -> object:
@@ -153,3 +183,7 @@ def load_config(
         if value is not None:
             values[field.name] = value
     return ServerConfig(**values)
+
+
+if __name__ == "__main__":
+    print(flag_table(), end="")

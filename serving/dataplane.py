@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.errors import InvalidInput, ServerNotReady, ServingError
+from serving.logs import FailureLogLimiter
 from serving.models import LoadedModel, ModelRegistry
 from serving.stats import InferenceObserver, NullObserver
 
@@ -34,10 +35,13 @@ class DataPlane:
         registry: ModelRegistry,
         max_request_images: int,
         observer: InferenceObserver | None = None,
+        failure_log: FailureLogLimiter | None = None,
     ) -> None:
         self.registry = registry
         self.max_request_images = max_request_images
         self.observer: InferenceObserver = observer or NullObserver()
+        # how many failed RPCs serving.oip.RpcCall logs (no limit by default)
+        self.failure_log = failure_log or FailureLogLimiter(0)
         self.in_flight = 0  # inference RPCs being handled (serving.oip.RpcCall counts them)
         self.accepting = True
         self.observer.watch_in_flight(lambda: self.in_flight)

@@ -3,21 +3,24 @@ plain text for people, chosen with --log-format.
 
 A JSON line holds `ts` (UTC, ISO 8601 with milliseconds), `level`, `logger`, `message`,
 then the request fields a log call passes in `extra` (`rpc`, `model`, `version`, `code`,
-`peer`) and `exception` with the traceback when there is one. Only failed requests are
-logged (by `serving.oip.RpcCall`), never successful ones.
+`peer`, `suppressed`) and `exception` with the traceback when there is one. Only failed
+requests are logged (by `serving.oip.RpcCall`), never successful ones, and at most
+--log-failures-per-second of each kind (`FailureLogLimiter`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TextIO
 
 from serving.config import LOG_FORMATS
 
-REQUEST_FIELDS = ("rpc", "model", "version", "code", "peer")
+REQUEST_FIELDS = ("rpc", "model", "version", "code", "peer", "suppressed")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -69,3 +72,67 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+@dataclass(slots=True)
+class _Window:
+    end: float
+    level: int
+    logged: int = 0
+    suppressed: int = 0
+
+
+class FailureLogLimiter:
+    """Keeps a client that sends bad requests in a loop from flooding the log: of the
+    failures of one kind (RPC and status code), at most `lines_per_window` are logged per
+    `window_s` (so the first of each window always is); the rest are counted and reported
+    in one line when their window ends. 0 turns the limit off. Event loop thread only."""
+
+    def __init__(
+        self,
+        lines_per_window: int,
+        window_s: float = 1.0,
+        logger: logging.Logger | None = None,
+    ) -> None:
+        self.lines_per_window = lines_per_window
+        self.window_s = window_s
+        self._logger = logger or logging.getLogger("serving.rpc")
+        self._windows: dict[tuple[str, str], _Window] = {}
+
+    def allow(self, rpc: str, code: str, level: int) -> bool:
+        """True if this failure should be logged; counts it if not."""
+        if self.lines_per_window <= 0:
+            return True
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        key = (rpc, code)
+        window = self._windows.get(key)
+        if window is None or now >= window.end:
+            if window is not None:
+                self._report(key, window)  # its timer has not run yet
+            window = self._windows[key] = _Window(now + self.window_s, level)
+        if window.logged < self.lines_per_window:
+            window.logged += 1
+            return True
+        window.suppressed += 1
+        if window.suppressed == 1:
+            loop.call_at(window.end, self._report, key, window)
+        return False
+
+    def _report(self, key: tuple[str, str], window: _Window) -> None:
+        if not window.suppressed:
+            return
+        rpc, code = key
+        self._logger.log(
+            window.level,
+            "%s failed: %s: suppressed %d similar failures in the last %g s "
+            "(at most %d lines per %g s)",
+            rpc,
+            code,
+            window.suppressed,
+            self.window_s,
+            self.lines_per_window,
+            self.window_s,
+            extra={"rpc": rpc, "code": code, "suppressed": window.suppressed},
+        )
+        window.suppressed = 0

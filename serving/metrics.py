@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -66,7 +66,7 @@ class PrometheusObserver:
         )
         self.queue_duration = Histogram(
             "mnist37_queue_duration_seconds",
-            "Wait in the batcher of each batch's oldest request before its onnxruntime call",
+            "Time each request (each chunk of a split request) waited in the batcher",
             ["model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
@@ -116,6 +116,7 @@ class PrometheusObserver:
             registry=self.registry,
         )
         self._probability_bounds = np.array([*PROBABILITY_BUCKETS, float("inf")], dtype=np.float64)
+        self._latency_bounds = np.array([*LATENCY_BUCKETS, float("inf")], dtype=np.float64)
         self._rpc_series: dict[tuple[str, str, str, str], _RpcSeries] = {}
         self._version_series: dict[tuple[str, str], _VersionSeries] = {}
         self._batch_series: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] = {}
@@ -168,7 +169,12 @@ class PrometheusObserver:
             series.other_images.inc(count - counted)
 
     def batch_executed(
-        self, model: str, version: str, batch_size: int, queue_seconds: float, infer_seconds: float
+        self,
+        model: str,
+        version: str,
+        batch_size: int,
+        queue_seconds: Sequence[float],
+        infer_seconds: float,
     ) -> None:
         children = self._batch_series.get((model, version))
         if children is None:
@@ -179,7 +185,11 @@ class PrometheusObserver:
             )
         sizes, queue, inference = children
         sizes.observe(batch_size)
-        queue.observe(queue_seconds)
+        if len(queue_seconds) < VECTORISE_FROM:
+            for seconds in queue_seconds:
+                queue.observe(seconds)
+        else:
+            _observe_many(queue, self._latency_bounds, np.array(queue_seconds, dtype=np.float64))
         inference.observe(infer_seconds)
 
     def model_loaded(self, model: str, version: str, arch: str, provider: str) -> None:
@@ -187,8 +197,20 @@ class PrometheusObserver:
         self.model_loads.labels(model, "success").inc()
 
     def model_unloaded(self, model: str, version: str, arch: str, provider: str) -> None:
+        """Removes the version's series: `model_info`, and the per-version counters and
+        histograms, which would otherwise pile up with every reload (for rate() a series
+        that ends is no problem; one that is re-created later starts again from 0)."""
         with contextlib.suppress(KeyError):  # never reported as loaded
             self.model_info.remove(model, version, arch, provider)
+        for key in [key for key in list(self._rpc_series) if key[1:3] == (model, version)]:
+            del self._rpc_series[key]
+            self.requests.remove(*key)
+        if self._version_series.pop((model, version), None) is not None:
+            for digit in (*DIGITS, OTHER_DIGIT):
+                self.images.remove(model, version, str(digit))
+            self.probability.remove(model, version)
+        if self._batch_series.pop((model, version), None) is not None:
+            self.inference_duration.remove(model, version)
 
     def model_load_failed(self, model: str) -> None:
         self.model_loads.labels(model, "failure").inc()

@@ -4,7 +4,7 @@ data plane -> protobuf.
 
 `RpcCall` is the gRPC edge both servicers share: every RPC runs inside one, which turns a
 `ServingError` into its status code, counts the RPC by code with its model and version
-(bounded labels), times it, and logs it once if it failed.
+(bounded labels), times it, and logs it once if it failed (rate-limited per RPC and code).
 """
 
 from __future__ import annotations
@@ -147,8 +147,11 @@ class RpcCall:
 
     def _log_failure(self, code: grpc.StatusCode, details: str, error: BaseException) -> None:
         internal = code not in _CLIENT_SIDE
+        level = logging.ERROR if internal else logging.WARNING
+        if not self._dataplane.failure_log.allow(self.rpc, code.name, level):
+            return
         log.log(
-            logging.ERROR if internal else logging.WARNING,
+            level,
             "%s failed: %s: %s",
             self.rpc,
             code.name,
@@ -180,11 +183,18 @@ def server_version() -> str:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, dataplane: DataPlane, repository: Path, max_queue_delay_us: int) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        repository: Path,
+        max_queue_delay_us: int,
+        keep_versions: int = 1,
+    ) -> None:
         self.dataplane = dataplane
         self.registry = dataplane.registry
         self.repository = repository
         self.max_queue_delay_us = max_queue_delay_us
+        self.keep_versions = keep_versions
         self._version = server_version()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
@@ -295,7 +305,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 ),
             },
         )
-        config.version_policy.latest.num_versions = 1
+        config.version_policy.latest.num_versions = self.keep_versions
         if model.batcher.max_batch_size > 1:
             config.dynamic_batching.preferred_batch_size.append(model.batcher.max_batch_size)
             config.dynamic_batching.max_queue_delay_microseconds = self.max_queue_delay_us

@@ -12,13 +12,14 @@ import asyncio
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.batcher import BatchListener
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig, load_config
 from serving.dataplane import DataPlane
@@ -26,7 +27,7 @@ from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
-from serving.logs import configure_logging
+from serving.logs import FailureLogLimiter, configure_logging
 from serving.metrics import PrometheusObserver
 from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.oip import InferenceServicer
@@ -49,7 +50,12 @@ class InferenceServer:
         self.config = config
         self.registry = ModelRegistry()
         self.observer = PrometheusObserver() if config.metrics_port else None
-        self.dataplane = DataPlane(self.registry, config.max_request_images, self.observer)
+        self.dataplane = DataPlane(
+            self.registry,
+            config.max_request_images,
+            self.observer,
+            FailureLogLimiter(config.log_failures_per_second),
+        )
         self.executor = ThreadPoolExecutor(
             max_workers=config.inference_threads, thread_name_prefix="onnxruntime"
         )
@@ -103,11 +109,11 @@ class InferenceServer:
             self._batch_listener(model_version),
         )
 
-    def _batch_listener(self, model_version: ModelVersion) -> Callable[[int, float, float], None]:
+    def _batch_listener(self, model_version: ModelVersion) -> BatchListener:
         name, version = model_version.name, str(model_version.version)
         dataplane = self.dataplane
 
-        def on_batch(batch_size: int, queue_seconds: float, infer_seconds: float) -> None:
+        def on_batch(batch_size: int, queue_seconds: list[float], infer_seconds: float) -> None:
             dataplane.observer.batch_executed(
                 name, version, batch_size, queue_seconds, infer_seconds
             )
@@ -125,7 +131,13 @@ class InferenceServer:
             ]
         )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, config.repository, config.max_queue_delay_us), server
+            InferenceServicer(
+                self.dataplane,
+                config.repository,
+                config.max_queue_delay_us,
+                config.keep_versions,
+            ),
+            server,
         )
         classifier_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.dataplane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)

@@ -7,7 +7,7 @@ The statistics are updated on the event loop thread only, so no locks are needed
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -94,16 +94,21 @@ class InferenceObserver(Protocol):
         """A request's images were classified: P(7) and the digit of each."""
 
     def batch_executed(
-        self, model: str, version: str, batch_size: int, queue_seconds: float, infer_seconds: float
+        self,
+        model: str,
+        version: str,
+        batch_size: int,
+        queue_seconds: Sequence[float],
+        infer_seconds: float,
     ) -> None:
-        """One onnxruntime call ran `batch_size` images; `queue_seconds` is its oldest
-        request's wait."""
+        """One onnxruntime call ran `batch_size` images; `queue_seconds` holds how long each
+        request in it waited in the batcher (each chunk, for a request split into chunks)."""
 
     def model_loaded(self, model: str, version: str, arch: str, provider: str) -> None:
         """A model version was loaded (at startup or by a reload) and now serves."""
 
     def model_unloaded(self, model: str, version: str, arch: str, provider: str) -> None:
-        """A model version stopped serving."""
+        """A model version stopped serving and will report nothing more."""
 
     def model_load_failed(self, model: str) -> None:
         """Loading a version of `model` failed; it is not served."""
@@ -122,7 +127,12 @@ class NullObserver:
         pass
 
     def batch_executed(
-        self, model: str, version: str, batch_size: int, queue_seconds: float, infer_seconds: float
+        self,
+        model: str,
+        version: str,
+        batch_size: int,
+        queue_seconds: Sequence[float],
+        infer_seconds: float,
     ) -> None:
         pass
 

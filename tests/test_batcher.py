@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -177,3 +178,39 @@ def test_a_model_error_reaches_every_caller_and_the_batcher_recovers(executor):
         return await batcher.infer(tagged(0, 2))
 
     assert run(scenario())[1].tolist() == [3, 3]
+
+
+def test_every_queued_request_reports_its_own_wait(executor):
+    model = RecordingModel()
+    model.gate = threading.Event()
+    reports: list[tuple[int, list[float], float]] = []
+
+    def on_batch(batch_size: int, queue_seconds: list[float], infer_seconds: float) -> None:
+        reports.append((batch_size, queue_seconds, infer_seconds))
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=8, on_batch=on_batch)
+        blocker = asyncio.ensure_future(batcher.infer(tagged(0, 1)))
+        await asyncio.sleep(0.01)  # the first batch runs, held by the gate
+        waiting = []
+        for index in range(3):
+            waiting.append(asyncio.ensure_future(batcher.infer(tagged(100 * index, 2))))
+            await asyncio.sleep(0.02)
+        split = asyncio.ensure_future(batcher.infer(tagged(1000, 10)))  # chunks of 8 and 2
+        await asyncio.sleep(0.01)
+        model.gate.set()
+        await asyncio.gather(blocker, *waiting, split)
+        return batcher
+
+    batcher = run(scenario())
+    assert [(size, len(waits)) for size, waits, _ in reports] == [(1, 1), (6, 3), (8, 1), (2, 1)]
+    _, waits, infer_seconds = reports[1]
+    # queued 20 ms apart, oldest first: each request's own wait, not only the oldest one's;
+    # each chunk of the split request reports its own wait too
+    assert waits == sorted(waits, reverse=True)
+    assert all(earlier - later >= 0.015 for earlier, later in itertools.pairwise(waits))
+    assert waits[2] >= 0.02 and infer_seconds >= 0
+    every_wait = [wait for _, report_waits, _ in reports for wait in report_waits]
+    assert reports[3][1][0] > reports[2][1][0] > 0
+    assert batcher.stats.queue.count == len(every_wait) == 6
+    assert batcher.stats.queue.ns == pytest.approx(sum(every_wait) * 1e9, abs=10)

@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 from dataclasses import fields
 from importlib import resources
 from pathlib import Path
@@ -34,23 +33,30 @@ import jsonschema
 import pytest
 import referencing
 import yaml
+from compose_helpers import (
+    COMPOSE_FILE,
+    MODELS_MOUNT,
+    VENV_BIN,
+    ContainerPaths,
+    compose_services,
+    load_compose,
+    plain_environment,
+    seconds,
+)
 
 from serving.config import ServerConfig, build_parser, env_var, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
-COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"
 DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
-VENV_BIN = Path(sys.executable).parent
 # Kubernetes versions the manifests must validate against: gRPC probes and CronJob
 # timeZone are GA from 1.27, Job podFailurePolicy is on by default from 1.26.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
 CRD_KINDS = {"ServiceMonitor", "InferenceService"}
 NOT_A_RESOURCE = {"kustomization.yaml"}
 SERVER_VARIABLES = {env_var(field.name) for field in fields(ServerConfig)}
-MODELS_MOUNT = "/models"
 # Where kubernetes-validate's schemas keep Kubernetes' object definitions.
 DEFINITIONS = "/api/_definitions.json#/$defs"
 
@@ -79,14 +85,6 @@ def run(*command: str, cwd: Path = ROOT, timeout: float = 120) -> subprocess.Com
 
 def load_yaml(path: Path) -> Any:
     return yaml.safe_load(path.read_text())
-
-
-def compose() -> dict[str, Any]:
-    return load_yaml(COMPOSE)
-
-
-def services() -> dict[str, dict[str, Any]]:
-    return compose()["services"]
 
 
 def manifests() -> list[tuple[Path, dict[str, Any]]]:
@@ -127,11 +125,13 @@ def help_text(*command: str) -> str:
 
 def test_compose_files_pass_docker_compose_config() -> None:
     docker_compose = tool("docker-compose")
-    for files in ([COMPOSE], [COMPOSE, COMPOSE_GPU]):
+    for files in ([COMPOSE_FILE], [COMPOSE_FILE, COMPOSE_GPU]):
         args = [arg for path in files for arg in ("-f", str(path))]
         result = run(docker_compose, *args, "config", "-q")
         assert result.returncode == 0, f"{files}: {result.stderr}"
-    listed = run(docker_compose, "-f", str(COMPOSE), "--profile", "retrain", "config", "--services")
+    listed = run(
+        docker_compose, "-f", str(COMPOSE_FILE), "--profile", "retrain", "config", "--services"
+    )
     assert listed.returncode == 0, listed.stderr
     assert set(listed.stdout.split()) == {
         "train-init",
@@ -147,7 +147,7 @@ def test_docker_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
     """The validator bites: a misspelt key and an undefined volume are errors."""
     docker_compose = tool("docker-compose")
     for breakage in ("key", "volume"):
-        broken = copy.deepcopy(compose())
+        broken = copy.deepcopy(load_compose())
         if breakage == "key":
             broken["services"]["server"]["helthcheck"] = broken["services"]["server"]["healthcheck"]
         else:
@@ -160,7 +160,7 @@ def test_docker_compose_config_rejects_a_broken_file(tmp_path: Path) -> None:
 
 def test_compose_services_can_be_run_as_plain_processes() -> None:
     """Commands are lists, environments mappings of strings, the repository one volume."""
-    ours = {name: s for name, s in services().items() if "build" in s}
+    ours = {name: s for name, s in compose_services().items() if "build" in s}
     assert set(ours) == {"train-init", "server", "retrain"}
     for name, service in ours.items():
         assert isinstance(service["command"], list), name
@@ -170,13 +170,13 @@ def test_compose_services_can_be_run_as_plain_processes() -> None:
         assert all(isinstance(v, str) for v in environment.values()), f"{name}: quote values"
         mounts = [v for v in service["volumes"] if v.split(":")[1] == MODELS_MOUNT]
         assert mounts and mounts[0].split(":")[0] == "models", name
-    assert services()["server"]["volumes"] == [f"models:{MODELS_MOUNT}:ro"]
-    assert services()["server"]["depends_on"] == {
+    assert compose_services()["server"]["volumes"] == [f"models:{MODELS_MOUNT}:ro"]
+    assert compose_services()["server"]["depends_on"] == {
         "train-init": {"condition": "service_completed_successfully"}
     }
-    assert services()["retrain"]["profiles"] == ["retrain"]
-    assert "profiles" not in services()["train-init"]
-    assert set(compose()["volumes"]) == {"models", "prometheus-data"}
+    assert compose_services()["retrain"]["profiles"] == ["retrain"]
+    assert "profiles" not in compose_services()["train-init"]
+    assert set(load_compose()["volumes"]) == {"models", "prometheus-data"}
 
 
 def test_compose_gpu_override_reserves_a_gpu_for_the_cuda_image() -> None:
@@ -188,18 +188,12 @@ def test_compose_gpu_override_reserves_a_gpu_for_the_cuda_image() -> None:
     assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
 
 
-def _seconds(text: str) -> float:
-    match = re.fullmatch(r"(\d+)s", text)
-    assert match, f"write durations as <n>s, not {text!r}"
-    return float(match.group(1))
-
-
 def test_compose_server_matches_the_servers_flags_ports_and_shutdown() -> None:
-    for path in (COMPOSE, COMPOSE_GPU):
+    for path in (COMPOSE_FILE, COMPOSE_GPU):
         server = load_yaml(path)["services"]["server"]
         unknown = set(server.get("environment", {})) - SERVER_VARIABLES
         assert not unknown, f"{path.name}: mnist37-serve reads no {sorted(unknown)}"
-    server = services()["server"]
+    server = compose_services()["server"]
     command, environment = server["command"], server["environment"]
     assert command[0] == "mnist37-serve"
     build_parser().parse_args(command[1:])  # exits (SystemExit) on an unknown flag
@@ -207,13 +201,11 @@ def test_compose_server_matches_the_servers_flags_ports_and_shutdown() -> None:
     assert config.repository == Path(MODELS_MOUNT)
     published = {tuple(map(int, port.split(":"))) for port in server["ports"]}
     assert published == {(config.grpc_port, config.grpc_port), (8002, config.metrics_port)}
-    assert _seconds(server["stop_grace_period"]) >= config.shutdown_timeout + 5
+    assert seconds(server["stop_grace_period"]) >= config.shutdown_timeout + 5
     assert server["stop_signal"] == "SIGTERM"
     health = server["healthcheck"]
     assert health["test"][:4] == ["CMD", "python", "-m", "serving.healthcheck"]
-    assert _seconds(health["timeout"]) > float(
-        health["test"][health["test"].index("--timeout") + 1]
-    )
+    assert seconds(health["timeout"]) > float(health["test"][health["test"].index("--timeout") + 1])
 
 
 def test_compose_training_jobs_use_flags_and_variables_the_clis_accept() -> None:
@@ -223,14 +215,14 @@ def test_compose_training_jobs_use_flags_and_variables_the_clis_accept() -> None
     train_variables = set(re.findall(r"MNIST37_[A-Z_]+", train_help))
     assert {"MNIST37_ARCH", "MNIST37_REPOSITORY", "MNIST37_NO_PROGRESS"} <= train_variables
 
-    init = services()["train-init"]
+    init = compose_services()["train-init"]
     assert init["command"][:3] == ["python", "-m", "training.init_repository"]
     args = init_repository._parser().parse_args(init["command"][3:])
     assert args.work_dir is not None and not str(args.work_dir).startswith(MODELS_MOUNT)
     assert set(init["environment"]) <= train_variables
     assert init["environment"]["MNIST37_REPOSITORY"] == MODELS_MOUNT
 
-    retrain = services()["retrain"]
+    retrain = compose_services()["retrain"]
     assert retrain["command"][0] == "mnist37-retrain"
     _check_retrain_command(retrain["command"])
     assert set(retrain.get("environment", {})) <= train_variables
@@ -246,20 +238,13 @@ def _check_retrain_command(command: list[str]) -> None:
 
 def test_train_init_command_from_compose_publishes_once(tmp_path: Path) -> None:
     """train-init's exact command and environment, with /models mapped to a directory."""
-    init = services()["train-init"]
-
-    def host_path(arg: str) -> str:
-        for container, host in ((MODELS_MOUNT, tmp_path / "models"), ("/tmp", tmp_path)):
-            if arg == container or arg.startswith(container + "/"):
-                return str(host) + arg[len(container) :]
-        return arg
-
-    command = [sys.executable if arg == "python" else host_path(arg) for arg in init["command"]]
-    environment = {k: host_path(v) for k, v in init["environment"].items()}
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST37_")} | environment
+    init = compose_services()["train-init"]
+    paths = ContainerPaths.for_service(init, volumes_dir=tmp_path, container_tmp=tmp_path)
+    command = paths.arguments(init["command"])
+    env = plain_environment(init, paths)
     first = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert first.returncode == 0, first.stdout + first.stderr
-    model_dir = tmp_path / "models" / environment["MNIST37_MODEL_NAME"]
+    model_dir = tmp_path / "models" / env["MNIST37_MODEL_NAME"]
     assert (model_dir / "1" / "model.onnx").is_file()
     again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -553,7 +538,7 @@ def test_deployment_probes_ports_and_shutdown_match_the_server() -> None:
     assert mounts[MODELS_MOUNT]["readOnly"] is True
     assert config.repository == Path(MODELS_MOUNT)
     assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
-    assert container["image"] == services()["server"]["image"]
+    assert container["image"] == compose_services()["server"]["image"]
 
 
 def test_service_hpa_pdb_and_servicemonitor_select_the_server_pods() -> None:
@@ -591,13 +576,13 @@ def test_jobs_share_the_repository_and_run_what_compose_runs() -> None:
         }
         assert claims == {claim["metadata"]["name"]}, kind
     init = _pod("Job")["spec"]["containers"][0]
-    assert init["command"] == services()["train-init"]["command"]
-    assert k8s_env(init) == services()["train-init"]["environment"]
-    assert init["image"] == services()["train-init"]["image"]
+    assert init["command"] == compose_services()["train-init"]["command"]
+    assert k8s_env(init) == compose_services()["train-init"]["environment"]
+    assert init["image"] == compose_services()["train-init"]["image"]
     cronjob = manifest("CronJob")
     assert cronjob["spec"]["concurrencyPolicy"] == "Forbid"
     retrain = _pod("CronJob")["spec"]["containers"][0]
-    assert retrain["command"] == services()["retrain"]["command"]
+    assert retrain["command"] == compose_services()["retrain"]["command"]
     (rule,) = cronjob["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"]
     assert rule["onExitCodes"] == {
         "containerName": retrain["name"],
@@ -637,10 +622,10 @@ def test_prometheus_scrapes_the_compose_server_with_the_mounted_config() -> None
     targets = [
         t for job in config["scrape_configs"] for s in job["static_configs"] for t in s["targets"]
     ]
-    server = services()["server"]
+    server = compose_services()["server"]
     metrics_port = load_config(server["command"][1:], server["environment"]).metrics_port
     assert targets == [f"server:{metrics_port}"]
-    prometheus = services()["prometheus"]
+    prometheus = compose_services()["prometheus"]
     assert "./deploy/prometheus:/etc/prometheus:ro" in prometheus["volumes"]
     assert "--config.file=/etc/prometheus/prometheus.yml" in prometheus["command"]
 
@@ -690,7 +675,7 @@ def test_grafana_dashboard_and_alerts_use_only_metrics_the_server_exports() -> N
 def test_grafana_provisioning_matches_the_dashboard_and_compose_mounts() -> None:
     provisioning = DEPLOY / "grafana" / "provisioning"
     (datasource,) = load_yaml(provisioning / "datasources" / "prometheus.yml")["datasources"]
-    prometheus = services()["prometheus"]
+    prometheus = compose_services()["prometheus"]
     listen = next(a for a in prometheus["command"] if a.startswith("--web.listen-address="))
     assert datasource["url"] == f"http://prometheus:{listen.rsplit(':', 1)[1]}"
     dashboard = json.loads((DEPLOY / "grafana" / "dashboards" / "mnist37.json").read_text())
@@ -703,6 +688,6 @@ def test_grafana_provisioning_matches_the_dashboard_and_compose_mounts() -> None
     }
     assert uids == {datasource["uid"]}
     (provider,) = load_yaml(provisioning / "dashboards" / "mnist37.yml")["providers"]
-    mounts = dict(v.rsplit(":", 2)[:2] for v in services()["grafana"]["volumes"])
+    mounts = dict(v.rsplit(":", 2)[:2] for v in compose_services()["grafana"]["volumes"])
     assert mounts["./deploy/grafana/dashboards"] == provider["options"]["path"]
     assert mounts["./deploy/grafana/provisioning"] == "/etc/grafana/provisioning"

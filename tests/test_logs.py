@@ -3,6 +3,7 @@ request once (and successful ones never)."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -15,7 +16,7 @@ from conftest import infer_request, start_server
 
 from serving.config import load_config
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
-from serving.logs import JsonFormatter, TextFormatter, configure_logging
+from serving.logs import FailureLogLimiter, JsonFormatter, TextFormatter, configure_logging
 
 
 def record(message: str, level: int = logging.WARNING, **extra: object) -> logging.LogRecord:
@@ -79,10 +80,13 @@ def test_log_format_flag_and_variable():
         load_config(["--log-format", "xml"])
 
 
-def test_the_server_logs_failed_requests_once_and_successes_never(
+def test_the_server_logs_failed_requests_once_successes_never_and_limits_a_flood(
     model_repository, test_digits, tmp_path
 ):
-    server = start_server(model_repository, tmp_path, "--log-format", "json")
+    server = start_server(
+        model_repository, tmp_path, "--log-format", "json", "--log-failures-per-second", "2"
+    )
+    flood = 40
     try:
         with grpc.insecure_channel(server.target) as channel:
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -97,21 +101,104 @@ def test_the_server_logs_failed_requests_once_and_successes_never(
                 stub.ModelInfer(wrong)
             for _ in range(20):
                 stub.ModelInfer(infer_request(images))
+            started = time.monotonic()
+            for _ in range(flood):
+                with pytest.raises(grpc.RpcError):
+                    stub.ModelInfer(infer_request(images, model="flood"))
+            elapsed = time.monotonic() - started
+
+        def not_found_accounted() -> int:
+            """NOT_FOUND failures logged one by one or counted in a summary line."""
+            return sum(
+                int(entry.get("suppressed", 1))
+                for entry in rpc_entries(server.log())
+                if entry["code"] == "NOT_FOUND"
+            )
+
         deadline = time.monotonic() + 10
-        while server.log().count('"logger": "serving.rpc"') < 2 and time.monotonic() < deadline:
+        while not_found_accounted() < 1 + flood and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         assert server.terminate() == 0
-    lines = server.log().splitlines()
-    entries = [json.loads(line) for line in lines]  # every line is one JSON object
-    failures = [entry for entry in entries if entry["logger"] == "serving.rpc"]
+    entries = [json.loads(line) for line in server.log().splitlines()]  # each line is JSON
+    failures = rpc_entries(server.log())
     assert [
         (entry["level"], entry["rpc"], entry["model"], entry["version"], entry["code"])
-        for entry in failures
+        for entry in failures[:2]
     ] == [
         ("warning", "ModelInfer", "nope", "", "NOT_FOUND"),
         ("warning", "ModelInfer", "mnist37", "2", "INVALID_ARGUMENT"),
     ]
     assert "inputs[0].shape" in failures[1]["message"]
-    assert all(entry["peer"].startswith("ipv4:127.0.0.1:") for entry in failures)
+    assert all(entry["peer"].startswith("ipv4:127.0.0.1:") for entry in failures[:2])
     assert any("SIGTERM received" in entry["message"] for entry in entries)
+    # the flood: at most 2 lines a second, the rest counted in summary lines
+    assert not_found_accounted() == 1 + flood
+    single = [entry for entry in failures if "suppressed" not in entry]
+    summaries = [entry for entry in failures if "suppressed" in entry]
+    assert 3 <= len(single) <= 1 + 2 * (int(elapsed) + 2)
+    assert summaries and all(
+        (entry["rpc"], entry["code"], entry["level"]) == ("ModelInfer", "NOT_FOUND", "warning")
+        and f"suppressed {entry['suppressed']} similar failures" in entry["message"]
+        for entry in summaries
+    )
+
+
+def rpc_entries(log: str) -> list[dict[str, object]]:
+    entries = [json.loads(line) for line in log.splitlines()]
+    return [entry for entry in entries if entry["logger"] == "serving.rpc"]
+
+
+def test_failure_lines_are_limited_per_kind_and_the_rest_summed_up(caplog):
+    window_s = 0.3
+    logger = logging.getLogger("serving.rpc")
+    limiter = FailureLogLimiter(3, window_s, logger)
+
+    def fail(rpc: str, code: str, level: int = logging.WARNING) -> bool:
+        allowed = limiter.allow(rpc, code, level)
+        if allowed:
+            logger.log(level, "%s failed: %s", rpc, code, extra={"rpc": rpc, "code": code})
+        return allowed
+
+    async def scenario() -> list[bool]:
+        first_window = [fail("ModelInfer", "NOT_FOUND") for _ in range(10)]
+        # other kinds have their own budget: their first failure is always logged
+        assert fail("ModelInfer", "INVALID_ARGUMENT")
+        assert fail("Classify", "NOT_FOUND")
+        assert [fail("ModelInfer", "INTERNAL", logging.ERROR) for _ in range(5)].count(True) == 3
+        await asyncio.sleep(window_s * 2)  # the windows end: summaries are logged
+        assert fail("ModelInfer", "NOT_FOUND"), "a new window logs again"
+        return first_window
+
+    with caplog.at_level(logging.WARNING, logger="serving.rpc"):
+        first_window = asyncio.run(scenario())
+    assert first_window == [True] * 3 + [False] * 7
+    lines = [(record.levelno, record.getMessage()) for record in caplog.records]
+    summaries = [(level, message) for level, message in lines if "suppressed" in message]
+    assert sorted(summaries) == [
+        (logging.WARNING, "ModelInfer failed: NOT_FOUND: suppressed 7 similar failures in the "
+         "last 0.3 s (at most 3 lines per 0.3 s)"),
+        (logging.ERROR, "ModelInfer failed: INTERNAL: suppressed 2 similar failures in the "
+         "last 0.3 s (at most 3 lines per 0.3 s)"),
+    ]  # fmt: skip
+    summary = next(record for record in caplog.records if "suppressed 7" in record.getMessage())
+    assert (summary.rpc, summary.code, summary.suppressed) == ("ModelInfer", "NOT_FOUND", 7)
+    assert len(lines) == 3 + 1 + 1 + 3 + 2 + 1
+    assert json.loads(JsonFormatter().format(summary))["suppressed"] == 7
+
+
+def test_no_limit_logs_every_failure():
+    async def scenario() -> list[bool]:
+        limiter = FailureLogLimiter(0)
+        return [limiter.allow("ModelInfer", "NOT_FOUND", logging.WARNING) for _ in range(100)]
+
+    assert all(asyncio.run(scenario()))
+
+
+def test_log_failures_per_second_flag_and_variable():
+    assert load_config([]).log_failures_per_second == 10
+    variable = {"MNIST37_LOG_FAILURES_PER_SECOND": "0"}
+    assert load_config([], variable).log_failures_per_second == 0
+    assert load_config(["--log-failures-per-second", "3"], variable).log_failures_per_second == 3
+    with pytest.raises(SystemExit):
+        load_config(["--log-failures-per-second", "-1"])

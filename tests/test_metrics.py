@@ -21,7 +21,12 @@ from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.mnist37.v1 import classifier_pb2, classifier_pb2_grpc
-from serving.metrics import PROBABILITY_BUCKETS, VECTORISE_FROM, PrometheusObserver
+from serving.metrics import (
+    LATENCY_BUCKETS,
+    PROBABILITY_BUCKETS,
+    VECTORISE_FROM,
+    PrometheusObserver,
+)
 from serving.oip import RpcCall
 from serving.repository import latest_version
 from serving.runtime import ModelRuntime
@@ -59,10 +64,7 @@ def value(server: InferenceServer, name: str, **labels: str) -> float:
 
 
 def label_sets(server: InferenceServer, family: str) -> list[dict[str, str]]:
-    for metric in server.observer.registry.collect():
-        if metric.name == family:
-            return [sample.labels for sample in metric.samples]
-    return []
+    return label_sets_of(server.observer.registry, family)
 
 
 async def status_of(call: Awaitable[object]) -> grpc.StatusCode:
@@ -161,7 +163,10 @@ def test_every_error_kind_is_counted_with_bounded_labels(model_repository, test_
     invalid = grpc.StatusCode.INVALID_ARGUMENT
 
     async def scenario() -> None:
-        async with running_server(model_repository) as server, stubs(server) as (oip, classify):
+        async with (
+            running_server(model_repository, log_failures_per_second=0) as server,
+            stubs(server) as (oip, classify),
+        ):
             for number in range(50):  # clients cannot mint label values
                 request = infer_request(images, model=f"no-such-model-{number}")
                 assert await status_of(oip.ModelInfer(request)) == grpc.StatusCode.NOT_FOUND
@@ -262,8 +267,15 @@ def test_sixteen_concurrent_single_images_form_batches(model_repository, test_di
             assert batches < 16
             assert in_flight_seen > 1
             assert value(server, "mnist37_inflight_requests") == 0
-            queue = value(server, "mnist37_queue_duration_seconds_sum", model="mnist37")
-            assert queue >= 0.01 * batches  # each batch waited for company
+            # one wait per request, not per batch; each waited for company
+            queue = {"model": "mnist37"}
+            assert value(server, "mnist37_queue_duration_seconds_count", **queue) == 16
+            waited = value(server, "mnist37_queue_duration_seconds_sum", **queue)
+            assert waited >= 0.01 * batches
+            statistics = await oip.ModelStatistics(pb.ModelStatisticsRequest(name="mnist37"))
+            triton_queue = statistics.model_stats[0].inference_stats.queue
+            assert triton_queue.count == 16
+            assert triton_queue.ns / 1e9 == pytest.approx(waited, rel=1e-6)
 
     run(scenario)
 
@@ -368,3 +380,76 @@ def test_model_lifecycle_metrics():
     observer.model_unloaded("m", "3", "mlp", "CPUExecutionProvider")
     assert registry.get_sample_value("mnist37_model_info", info) is None
     observer.model_unloaded("m", "3", "mlp", "CPUExecutionProvider")  # twice is harmless
+
+
+@pytest.mark.parametrize("requests", [1, VECTORISE_FROM - 1, VECTORISE_FROM, 64])
+def test_every_queue_wait_of_a_batch_is_observed(requests):
+    generator = np.random.default_rng(requests)
+    waits = (10.0 ** generator.uniform(-5.5, 1.5, requests)).tolist()  # 3 us to 30 s
+    observer = PrometheusObserver()
+    observer.batch_executed("m", "1", requests, waits, 0.001)
+    reference = Histogram("q", "", buckets=LATENCY_BUCKETS, registry=CollectorRegistry())
+    for wait in waits:
+        reference.observe(wait)
+    registry = observer.registry
+    for sample in next(iter(reference.collect())).samples:
+        if sample.name == "q_bucket":
+            labels = {"model": "m", "le": sample.labels["le"]}
+            found = registry.get_sample_value("mnist37_queue_duration_seconds_bucket", labels)
+            assert found == sample.value, sample.labels["le"]
+    model = {"model": "m"}
+    assert registry.get_sample_value("mnist37_queue_duration_seconds_count", model) == requests
+    assert registry.get_sample_value("mnist37_queue_duration_seconds_sum", model) == (
+        pytest.approx(sum(waits), rel=1e-9)
+    )
+    assert registry.get_sample_value("mnist37_batch_size_count", model) == 1
+
+
+def test_unloading_a_version_removes_its_series_and_keeps_the_others():
+    observer = PrometheusObserver()
+    registry = observer.registry
+    probability = np.array([0.1, 0.9], dtype=np.float32)
+    digit = np.array([3, 7], dtype=np.int64)
+    for version in ("1", "2"):
+        observer.model_loaded("m", version, "linear", "CPUExecutionProvider")
+        observer.rpc_finished("ModelInfer", "m", version, "OK", 0.001)
+        observer.rpc_finished("Classify", "m", version, "INVALID_ARGUMENT", 0.001)
+        observer.predictions_made("m", version, probability, digit)
+        observer.batch_executed("m", version, 2, [0.0001], 0.0002)
+    observer.rpc_finished("ModelInfer", "m", "", "NOT_FOUND", 0.001)  # version 9 asked for
+
+    observer.model_unloaded("m", "1", "linear", "CPUExecutionProvider")
+
+    def versions(family: str) -> set[str | None]:
+        return {labels.get("version") for labels in label_sets_of(registry, family)}
+
+    for family in ("mnist37_requests", "mnist37_images", "mnist37_probability"):
+        assert versions(family) >= {"2"} and "1" not in versions(family), family
+    assert versions("mnist37_inference_duration_seconds") == {"2"}
+    assert versions("mnist37_model_info") == {"2"}
+    assert versions("mnist37_requests") == {"2", ""}  # unresolved versions stay
+    # per-model series are not per version: they stay
+    assert registry.get_sample_value("mnist37_batch_size_count", {"model": "m"}) == 2
+    duration = {"rpc": "ModelInfer", "model": "m"}
+    assert registry.get_sample_value("mnist37_request_duration_seconds_count", duration) == 3
+    loads = {"model": "m", "result": "success"}
+    assert registry.get_sample_value("mnist37_model_load_total", loads) == 2
+
+    # a version loaded again starts from zero, through fresh (not orphaned) children
+    observer.model_loaded("m", "1", "linear", "CPUExecutionProvider")
+    observer.rpc_finished("ModelInfer", "m", "1", "OK", 0.001)
+    observer.predictions_made("m", "1", probability, digit)
+    observer.batch_executed("m", "1", 2, [0.0001], 0.0002)
+    ok = {"rpc": "ModelInfer", "model": "m", "version": "1", "code": "OK"}
+    assert registry.get_sample_value("mnist37_requests_total", ok) == 1
+    one = {"model": "m", "version": "1"}
+    assert registry.get_sample_value("mnist37_probability_count", one) == 2
+    assert registry.get_sample_value("mnist37_images_total", {**one, "digit": "7"}) == 1
+    assert registry.get_sample_value("mnist37_inference_duration_seconds_count", one) == 1
+
+
+def label_sets_of(registry: CollectorRegistry, family: str) -> list[dict[str, str]]:
+    for metric in registry.collect():
+        if metric.name == family:
+            return [sample.labels for sample in metric.samples]
+    return []

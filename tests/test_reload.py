@@ -26,15 +26,19 @@ from conftest import free_port, infer_request, start_server
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from serving import classifier
 from serving.client import Mnist37Client
+from serving.config import ServerConfig
 from serving.dataplane import DataPlane
 from serving.errors import ModelNotFound
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from serving.generated.mnist37.v1 import classifier_pb2
 from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import MODEL_FILE, ModelVersion
 from serving.runtime import RuntimeOptions
+from serving.server import InferenceServer
 from serving.synthetic import mean_difference_model, publish_model, random_linear_model
 
 MODEL = "mnist37"
@@ -192,6 +196,82 @@ def test_keep_versions_serves_the_newest_k_and_exact_versions_resolve(make_harne
     run(scenario())
     assert [version for _, version, _, _ in harness.observer.unloaded] == ["2"]
     assert sorted(harness.loads) == [(MODEL, 2), (MODEL, 3), (MODEL, 4)]
+
+
+def test_model_config_reports_keep_versions_as_the_version_policy(model_repository):
+    config = ServerConfig(
+        repository=model_repository,
+        host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=0,
+        poll_interval=0.0,
+        drain_quiet_period=0.0,
+        keep_versions=2,
+    )
+
+    async def scenario() -> tuple[pb.ModelConfigResponse, pb.ModelMetadataResponse]:
+        server = InferenceServer(config)
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{server.port}") as channel:
+                stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                model_config = await stub.ModelConfig(pb.ModelConfigRequest(name=MODEL))
+                metadata = await stub.ModelMetadata(pb.ModelMetadataRequest(name=MODEL))
+                return model_config, metadata
+        finally:
+            await server.drain_and_stop()
+
+    model_config, metadata = run(scenario())
+    assert model_config.config.version_policy.latest.num_versions == 2
+    assert list(metadata.versions) == ["1", "2"]
+
+
+class IdleContext:
+    """The little of `grpc.aio.ServicerContext` a successful RPC touches."""
+
+    def time_remaining(self) -> float | None:
+        return None
+
+    def peer(self) -> str:
+        return "ipv4:127.0.0.1:1"
+
+
+def test_classify_never_uses_a_version_retired_while_its_pngs_decode(
+    make_harness, test_digits, monkeypatch
+):
+    harness = make_harness()
+    harness.publish(random_linear_model(seed=1))
+    decoding, release = threading.Event(), threading.Event()
+    real_decode = classifier.decode_images
+
+    def slow_decode(images):
+        decoding.set()
+        assert release.wait(10)
+        return real_decode(images)
+
+    monkeypatch.setattr(classifier, "decode_images", slow_decode)
+    png = io.BytesIO()
+    Image.fromarray(255 - test_digits[0][0]).save(png, format="PNG")
+    request = classifier_pb2.ClassifyRequest()
+    request.images.add(png=png.getvalue())
+
+    async def scenario():
+        await harness.reloader.reload()
+        first = harness.registry.resolve(MODEL)
+        servicer = classifier.ClassifierServicer(DataPlane(harness.registry, 64))
+        answer = asyncio.create_task(servicer.Classify(request, IdleContext()))
+        assert await asyncio.to_thread(decoding.wait, 10)
+        harness.publish(random_linear_model(seed=2))
+        await harness.reloader.reload()  # version 1 is idle: it retires at once
+        await settle()
+        assert first.unloaded
+        release.set()
+        return first, await answer
+
+    first, response = run(scenario())
+    assert [prediction.model_version for prediction in response.predictions] == ["2"]
+    assert first.stats.success.count == first.stats.fail.count == 0
+    assert first.stats.execution_count == 0
 
 
 def test_a_broken_version_is_skipped_and_retried_only_when_its_files_change(make_harness):
