@@ -20,7 +20,7 @@ mnist37-models list --repository "$repository"
 
 step "4/5 serve it: mnist37-serve on 127.0.0.1:$grpc_port (metrics on :$metrics_port)"
 mnist37-serve --repository "$repository" --host 127.0.0.1 --grpc-port "$grpc_port" \
-    --metrics-port "$metrics_port" &
+    --metrics-port "$metrics_port" --log-format text &
 server=$!
 trap 'kill -TERM $server 2>/dev/null || true' EXIT
 for _ in $(seq 100); do
@@ -48,7 +48,11 @@ for index in (0, 1, 2, 3):
     Image.fromarray(255 - images[index]).resize((112, 112)).save(png)  # dark ink on white
 PY
 mnist37-client --server "127.0.0.1:$grpc_port" classify "$pngs"/*.png
+echo "-- the shipped test set (2,038 real 3s and 7s), 256 images a request:"
 mnist37-client --server "127.0.0.1:$grpc_port" classify \
+    --check "$data/t10k-images-idx3-ubyte.gz" --labels "$data/t10k-labels-idx1-ubyte.gz"
+echo "-- the same, one image a request (latency of a single classification):"
+mnist37-client --server "127.0.0.1:$grpc_port" classify --batch-size 1 \
     --check "$data/t10k-images-idx3-ubyte.gz" --labels "$data/t10k-labels-idx1-ubyte.gz"
 rm -rf "$pngs"
 

@@ -29,7 +29,7 @@ from serving.repository import DEFAULT_MODEL_NAME
 from serving.runtime import INPUT_NAME, OUTPUT_DIGIT
 
 DEFAULT_SERVER = "127.0.0.1:8001"
-CHECK_BATCH = 256
+DEFAULT_BATCH_SIZE = 256
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ def _load_images(path: Path) -> list[bytes | np.ndarray]:
 def _classify_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
     for path in files:
         images = _load_images(path)
-        for start in range(0, len(images), CHECK_BATCH):
-            chunk = images[start : start + CHECK_BATCH]
+        for start in range(0, len(images), args.batch_size):
+            chunk = images[start : start + args.batch_size]
             predictions = client.classify(chunk, args.model, args.model_version)
             for offset, prediction in enumerate(predictions):
                 label = path.name if len(images) == 1 else f"{path.name}[{start + offset}]"
@@ -140,8 +140,8 @@ def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) ->
     latencies = []
     model = args.model or DEFAULT_MODEL_NAME
     start_all = time.perf_counter()
-    for start in range(0, len(images), CHECK_BATCH):
-        chunk = images[start : start + CHECK_BATCH]
+    for start in range(0, len(images), args.batch_size):
+        chunk = images[start : start + args.batch_size]
         begin = time.perf_counter()
         outputs = client.infer(chunk, model, args.model_version, outputs=[OUTPUT_DIGIT])
         latencies.append(time.perf_counter() - begin)
@@ -151,11 +151,18 @@ def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) ->
     latency_ms = np.array(latencies) * 1000
     print(f"accuracy {correct / len(labels):.6f} ({correct}/{len(labels)})")
     print(
-        f"requests {len(latencies)} of up to {CHECK_BATCH} images: "
+        f"requests {len(latencies)} of up to {args.batch_size} images: "
         f"p50 {np.percentile(latency_ms, 50):.2f} ms, p99 {np.percentile(latency_ms, 99):.2f} ms, "
         f"{len(images) / elapsed:.0f} images/s"
     )
     return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--model-version", default="", help="version (default: newest)")
     classify.add_argument("--check", type=Path, metavar="IMAGES_IDX", help="accuracy mode")
     classify.add_argument("--labels", type=Path, metavar="LABELS_IDX", help="labels for --check")
+    classify.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per request (default {DEFAULT_BATCH_SIZE})",
+    )
     return parser
 
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from conftest import REPO_ROOT, shipped_digit_files
 from PIL import Image
 
@@ -37,7 +38,10 @@ def test_library_classify_and_infer(server, test_digits):
     np.testing.assert_array_equal(typed["digit"], outputs["digit"])
 
 
-def test_check_prints_the_offline_accuracy(server, model_repository, test_digits, capsys):
+@pytest.mark.parametrize(("batch_size", "requests"), [(256, 8), (1000, 3)])
+def test_check_prints_the_offline_accuracy(
+    server, model_repository, test_digits, capsys, batch_size, requests
+):
     images_path, labels_path = shipped_digit_files()
     runtime = ModelRuntime(latest_version(model_repository, "mnist37").model_path)
     images, labels = test_digits
@@ -51,12 +55,21 @@ def test_check_prints_the_offline_accuracy(server, model_repository, test_digits
             str(images_path),
             "--labels",
             str(labels_path),
+            "--batch-size",
+            str(batch_size),
         ]
     )
     out = capsys.readouterr().out
     assert code == 0
     assert f"accuracy {offline / len(labels):.6f} ({offline}/{len(labels)})" in out
+    assert f"requests {requests} of up to {batch_size} images" in out
     assert "p50" in out and "images/s" in out
+
+
+def test_batch_size_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        main(["classify", "--check", "x", "--labels", "y", "--batch-size", "0"])
+    assert "must be at least 1" in capsys.readouterr().err
 
 
 def test_cli_classifies_pngs_and_idx_files(server, test_digits, tmp_path):

@@ -266,6 +266,12 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
         help="a directory with the four MNIST IDX files [MNIST37_DATA_DIR] "
         "(default: the 3s and 7s shipped in training/data)",
     )
+    add(
+        "--no-progress",
+        action="store_true",
+        default=os.environ.get("MNIST37_NO_PROGRESS", "") not in ("", "0"),
+        help="no progress bars [MNIST37_NO_PROGRESS=1]",
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -292,12 +298,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--model-name",
         default=_env("MODEL_NAME", DEFAULT_MODEL_NAME),
         help="name to publish under [MNIST37_MODEL_NAME] (default: %(default)s)",
-    )
-    add(
-        "--no-progress",
-        action="store_true",
-        default=os.environ.get("MNIST37_NO_PROGRESS", "") not in ("", "0"),
-        help="no progress bars [MNIST37_NO_PROGRESS=1]",
     )
     return parser.parse_args(argv)
 

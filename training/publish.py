@@ -66,6 +66,19 @@ class TrainingRecord:
     def test_accuracy(self) -> float:
         return float(self.test_metrics["accuracy"])
 
+    def metadata(self, model_name: str, version: int) -> ModelMetadata:
+        """The ONNX metadata of this run published as `model_name` at `version`."""
+        return ModelMetadata(
+            model_name=model_name,
+            model_version=version,
+            architecture=self.architecture,
+            hidden_units=self.hidden_units,
+            training_seed=self.seed,
+            training_data_checksums=self.data_checksums,
+            test_accuracy=self.test_accuracy,
+            created_at=self.created_at,
+        )
+
 
 def publish_run(
     run_dir: Path, repository: Path, model_name: str = DEFAULT_MODEL_NAME
@@ -134,16 +147,7 @@ def publish_model(
     def write_version(staging: Path, version: int) -> None:
         if before_write is not None:
             before_write(version)
-        metadata = ModelMetadata(
-            model_name=model_name,
-            model_version=version,
-            architecture=record.architecture,
-            hidden_units=record.hidden_units,
-            training_seed=record.seed,
-            training_data_checksums=record.data_checksums,
-            test_accuracy=record.test_accuracy,
-            created_at=record.created_at,
-        )
+        metadata = record.metadata(model_name, version)
         onnx_bytes = finalize(exported, metadata)
         parity = check_parity(serving_model, onnx_bytes, test_images)
         (staging / MODEL_FILE).write_bytes(onnx_bytes)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 import time
@@ -257,12 +256,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="new or empty directory for the candidate run and the report, outside the "
         "repository [MNIST37_WORK_DIR] (default: a new runs/retrain-<UTC time>-<random>)",
     )
-    add(
-        "--no-progress",
-        action="store_true",
-        default=os.environ.get("MNIST37_NO_PROGRESS", "") not in ("", "0"),
-        help="no progress bars [MNIST37_NO_PROGRESS=1]",
-    )
     return parser.parse_args(argv)
 
 
@@ -357,16 +350,7 @@ def train_candidate(args: argparse.Namespace, run_dir: Path, model_name: str) ->
 
 
 def candidate_metadata(record: TrainingRecord, model_name: str) -> ModelMetadata:
-    return ModelMetadata(
-        model_name=model_name,
-        model_version=UNPUBLISHED_VERSION,
-        architecture=record.architecture,
-        hidden_units=record.hidden_units,
-        training_seed=record.seed,
-        training_data_checksums=record.data_checksums,
-        test_accuracy=record.test_accuracy,
-        created_at=record.created_at,
-    )
+    return record.metadata(model_name, UNPUBLISHED_VERSION)
 
 
 def training_description(args: argparse.Namespace, record: TrainingRecord) -> dict:

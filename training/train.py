@@ -5,8 +5,7 @@ A model maps pixels [N, 784] in [0, 1] to logits [N]; sigmoid(logit) is P(the di
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from serving.atomic import write_bytes_atomically
 from training.models import build_model
 
 POSITIVE_DIGIT = 7
@@ -206,18 +206,10 @@ def new_model(config: TrainConfig) -> nn.Module:
 
 
 def save_checkpoint(path: Path, checkpoint: dict) -> None:
-    """torch.save through a temporary file and a rename."""
-    fd, temp = tempfile.mkstemp(prefix="." + path.name + ".", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(checkpoint, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temp, 0o644)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """torch.save, written atomically."""
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    write_bytes_atomically(path, buffer.getvalue())
 
 
 def load_checkpoint(path: Path) -> tuple[nn.Module, dict]:
