@@ -1,13 +1,16 @@
 """`python -m serving.healthcheck`: is the gRPC server SERVING? For container health checks.
 
     python -m serving.healthcheck                          # localhost:$MNIST37_GRPC_PORT (8001)
+    python -m serving.healthcheck --service liveness        # alive, model loaded or not
     python -m serving.healthcheck --address host:8001 --service mnist37 --timeout 2
 
 Asks the standard gRPC health service (`grpc.health.v1.Health/Check`) and prints one line.
 Exit status 0 if the answer is SERVING; 1 for any other answer, an unknown service, no
 answer within --timeout seconds, or a server that cannot be reached; 2 for usage errors.
 The empty service name (the default) is the server as a whole: NOT_SERVING while no model
-is loaded and once a graceful shutdown has begun. Needs grpcio and grpcio-health-checking
+is loaded and once a graceful shutdown has begun (readiness). `liveness` is SERVING while the
+process runs and answers, model or not, and NOT_SERVING once the shutdown drain has begun
+(Kubernetes' livenessProbe). Needs grpcio and grpcio-health-checking
 only (no torch, no onnxruntime), so it starts fast in a HEALTHCHECK.
 """
 
@@ -24,6 +27,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 DEFAULT_PORT = 8001
 PORT_VARIABLE = "MNIST37_GRPC_PORT"
 DEFAULT_TIMEOUT_S = 3.0
+# The health service name mnist37-serve answers SERVING for as long as it is alive.
+LIVENESS_SERVICE = "liveness"
 
 
 def default_address(environ: Mapping[str, str] | None = None) -> str:
@@ -69,7 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--service",
         default="",
-        help="service to ask about: '' (the server), a gRPC service name or a model name",
+        help="service to ask about: '' (the server: ready, a model is loaded), "
+        f"'{LIVENESS_SERVICE}' (alive, model or not), a gRPC service name or a model name",
     )
     parser.add_argument(
         "--timeout",

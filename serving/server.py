@@ -1,9 +1,12 @@
 """`mnist37-serve`: wires the model registry, data plane and gRPC services together.
 
-Shutdown on SIGTERM/SIGINT is a drain: health turns NOT_SERVING (load balancers stop
-sending), every request that reaches the server is still served until none has been in
-flight for --drain-quiet-period, and only then does the gRPC server stop, with nothing left
-to cancel. A second signal skips the wait.
+Health: the overall service "" (and each gRPC service) is readiness, SERVING while a model
+is loaded; `liveness` is SERVING from the moment the server answers, model or not.
+
+Shutdown on SIGTERM/SIGINT is a drain: every health service, `liveness` included, turns
+NOT_SERVING (load balancers stop sending), every request that reaches the server is still
+served until none has been in flight for --drain-quiet-period, and only then does the gRPC
+server stop, with nothing left to cancel. A second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
+from serving.healthcheck import LIVENESS_SERVICE
 from serving.logs import FailureLogLimiter, configure_logging
 from serving.metrics import PrometheusObserver
 from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
@@ -39,6 +43,8 @@ log = logging.getLogger("serving")
 
 OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 CLASSIFIER_SERVICE = classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+# Health service names that are the server's own; a model of the same name gets no status.
+SERVER_HEALTH_SERVICES = ("", OIP_SERVICE, CLASSIFIER_SERVICE, LIVENESS_SERVICE)
 
 
 class StartupError(Exception):
@@ -82,6 +88,9 @@ class InferenceServer:
                 "no loadable model in %s: the server is live but not ready", config.repository
             )
         self._build_grpc_server()
+        # Live from the first answer on, whether or not a model is loaded: a restart would
+        # not load one. Only the drain (enter_graceful_shutdown) turns it NOT_SERVING.
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc_server.start()
         if self.observer is not None:
             self.observer.serve(config.host, config.metrics_port)
@@ -160,13 +169,16 @@ class InferenceServer:
 
     async def _update_health(self) -> None:
         """SERVING for each model with a loaded version, NOT_SERVING for the other models
-        seen; the server and its services are SERVING while any model is."""
+        seen; the server and its services are SERVING while any model is. `liveness` is
+        not touched here (see start)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         overall = serving if self.registry.is_ready() else not_serving
         for service in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
             await self.health.set(service, overall)
         for name in self.reloader.known_models:
+            if name in SERVER_HEALTH_SERVICES:
+                continue
             await self.health.set(name, serving if self.registry.versions(name) else not_serving)
 
     async def drain_and_stop(self, force: asyncio.Event | None = None) -> None:

@@ -3,7 +3,9 @@
 A service's `entrypoint`, `command` and `environment` are taken as written; only its
 container paths are rewritten: each volume's mount point to a host directory (a named
 volume to `<volumes>/<name>`, a bind mount to the host directory the test gives for its
-source) and the container's own `/tmp` to a directory of its own. An absolute path that no
+source) and the container's own `/tmp` to a directory of its own. So `models:/models` (the
+repository) and `runs:/runs` (training run directories) become `<volumes>/models` and
+`<volumes>/runs`, shared by every service that mounts them, as in Docker. An absolute path that no
 rule maps is an error, so a compose change that the mapping does not cover fails loudly.
 Commands resolve `python` and `mnist37-*` in this virtual environment's bin directory.
 """
@@ -23,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 VENV_BIN = Path(sys.executable).parent
 MODELS_MOUNT = "/models"
+RUNS_MOUNT = "/runs"
 CONTAINER_TMP = "/tmp"
 
 

@@ -2,8 +2,9 @@
 processes, in compose's order, with their environments and a real Prometheus.
 
 train-init publishes version 1; the server starts and its compose healthcheck passes;
-Prometheus (the project's configuration) scrapes it; retrain publishes an `mlp` version 2;
-the running server switches to it and Prometheus sees the switch.
+Prometheus (the project's configuration) scrapes it; retrain publishes an `mlp` version 2,
+its report in a new run directory of the `runs` volume; the running server switches to it
+and Prometheus sees the switch.
 
 What differs from the containers, and nothing else (see tests/compose_helpers.py):
 - container paths: each volume's mount point and each container's /tmp map to temporary
@@ -38,6 +39,7 @@ import yaml
 from compose_helpers import (
     MODELS_MOUNT,
     REPO_ROOT,
+    RUNS_MOUNT,
     ContainerPaths,
     compose_services,
     load_compose,
@@ -211,8 +213,10 @@ def check_compose_has_the_shape_this_test_maps(services: Mapping[str, dict[str, 
         "train-init": {"condition": "service_completed_successfully"}
     }
     assert services["prometheus"]["depends_on"] == ["server"]
+    assert volume_mounts(services["server"]) == {MODELS_MOUNT: "models"}
+    for name in ("train-init", "retrain"):
+        assert volume_mounts(services[name]) == {MODELS_MOUNT: "models", RUNS_MOUNT: "runs"}
     for name in ("train-init", "server", "retrain"):
-        assert volume_mounts(services[name]) == {MODELS_MOUNT: "models"}, name
         assert "entrypoint" not in services[name], name
     assert volume_mounts(services["prometheus"]) == {
         "/etc/prometheus": PROMETHEUS_BIND_SOURCE,
@@ -344,6 +348,7 @@ def test_compose_services_run_as_plain_processes_end_to_end(
         assert "training the first" in initialised.stdout, initialised.stdout
         assert sorted(p.name for p in (models_dir / model_name).iterdir() if p.is_dir()) == ["1"]
         assert (models_dir / model_name / "1" / "model.onnx").is_file()
+        assert (project.volumes_dir / "runs" / "init" / "metrics.json").is_file()
         timings["train-init"] = time.monotonic() - started_at
 
         # server: free loopback ports instead of the published container ports.
@@ -434,6 +439,15 @@ def test_compose_services_run_as_plain_processes_end_to_end(
                 2,
                 1,
             ), summary
+            # Its report is in a new run directory on the `runs` volume, not in the
+            # container (`--rm` removes that), and the report says what the summary says.
+            runs_dir = project.volumes_dir / "runs"
+            (report_path,) = runs_dir.glob("retrain-*/retrain-report.json")
+            assert summary["report"] == str(report_path.resolve()), summary
+            report = json.loads(report_path.read_text())
+            assert (report["decision"], report["published"]["version"]) == ("published", 2)
+            assert (report_path.parent / "candidate" / "model.onnx").is_file()
+            assert not any(project.working_dir("retrain").iterdir())
             timings["retrained"] = time.monotonic() - started_at
 
             # The running server switches to version 2 by itself, failing no request.

@@ -36,6 +36,7 @@ import yaml
 from compose_helpers import (
     COMPOSE_FILE,
     MODELS_MOUNT,
+    RUNS_MOUNT,
     VENV_BIN,
     ContainerPaths,
     compose_services,
@@ -45,6 +46,7 @@ from compose_helpers import (
 )
 
 from serving.config import ServerConfig, build_parser, env_var, load_config
+from serving.healthcheck import LIVENESS_SERVICE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy"
@@ -176,7 +178,10 @@ def test_compose_services_can_be_run_as_plain_processes() -> None:
     }
     assert compose_services()["retrain"]["profiles"] == ["retrain"]
     assert "profiles" not in compose_services()["train-init"]
-    assert set(load_compose()["volumes"]) == {"models", "prometheus-data"}
+    # Run directories (the retrain report, a rejected candidate) outlive `run --rm`.
+    for name in ("train-init", "retrain"):
+        assert f"runs:{RUNS_MOUNT}" in compose_services()[name]["volumes"], name
+    assert set(load_compose()["volumes"]) == {"models", "runs", "prometheus-data"}
 
 
 def test_compose_gpu_override_reserves_a_gpu_for_the_cuda_image() -> None:
@@ -218,7 +223,7 @@ def test_compose_training_jobs_use_flags_and_variables_the_clis_accept() -> None
     init = compose_services()["train-init"]
     assert init["command"][:3] == ["python", "-m", "training.init_repository"]
     args = init_repository._parser().parse_args(init["command"][3:])
-    assert args.work_dir is not None and not str(args.work_dir).startswith(MODELS_MOUNT)
+    assert args.work_dir is not None and args.work_dir.parent == Path(RUNS_MOUNT)
     assert set(init["environment"]) <= train_variables
     assert init["environment"]["MNIST37_REPOSITORY"] == MODELS_MOUNT
 
@@ -234,6 +239,9 @@ def _check_retrain_command(command: list[str]) -> None:
     accepted = set(re.findall(r"--[a-z][a-z-]*", help_text(str(retrain))))
     assert flags(command) <= accepted, f"mnist37-retrain has no {flags(command) - accepted}"
     assert command[command.index("--repository") + 1] == MODELS_MOUNT
+    # A new run directory on the runs volume each time, never one fixed --work-dir.
+    assert "--work-dir" not in command
+    assert command[command.index("--runs-dir") + 1] == RUNS_MOUNT
 
 
 def test_train_init_command_from_compose_publishes_once(tmp_path: Path) -> None:
@@ -504,7 +512,7 @@ def test_inferenceservice_validates_and_speaks_the_open_inference_protocol() -> 
     claims = {
         v["persistentVolumeClaim"]["claimName"] for v in document["spec"]["predictor"]["volumes"]
     }
-    assert claims == {manifest("PersistentVolumeClaim")["metadata"]["name"]}
+    assert claims == {manifest("PersistentVolumeClaim", "mnist37-models")["metadata"]["name"]}
 
 
 def _pod(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -527,6 +535,11 @@ def test_deployment_probes_ports_and_shutdown_match_the_server() -> None:
     assert ports == {"grpc": config.grpc_port, "metrics": config.metrics_port}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == config.grpc_port, probe
+    # Ready: a model is loaded (the overall service ""). Live (and started): the process
+    # answers, model or not, so a pod without a model is never restarted for it.
+    assert container["readinessProbe"]["grpc"].get("service", "") == ""
+    for probe in ("startupProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["service"] == LIVENESS_SERVICE, probe
     assert (
         container["resources"]["requests"]["cpu"] and container["resources"]["requests"]["memory"]
     )
@@ -565,16 +578,27 @@ def test_service_hpa_pdb_and_servicemonitor_select_the_server_pods() -> None:
 
 
 def test_jobs_share_the_repository_and_run_what_compose_runs() -> None:
-    claim = manifest("PersistentVolumeClaim")
+    claim = manifest("PersistentVolumeClaim", "mnist37-models")
     assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
-    for kind, name in (("Job", None), ("CronJob", None), ("Deployment", None)):
-        pod = _pod(kind, name)
+    runs = manifest("PersistentVolumeClaim", "mnist37-runs")["metadata"]["name"]
+    for kind, expected in (
+        ("Job", {MODELS_MOUNT: claim["metadata"]["name"], RUNS_MOUNT: runs}),
+        ("CronJob", {MODELS_MOUNT: claim["metadata"]["name"], RUNS_MOUNT: runs}),
+        ("Deployment", {MODELS_MOUNT: claim["metadata"]["name"]}),
+    ):
+        pod = _pod(kind)
         claims = {
-            v["persistentVolumeClaim"]["claimName"]
+            v["name"]: v["persistentVolumeClaim"]["claimName"]
             for v in pod["spec"]["volumes"]
             if "persistentVolumeClaim" in v
         }
-        assert claims == {claim["metadata"]["name"]}, kind
+        (container,) = pod["spec"]["containers"]
+        mounted = {
+            m["mountPath"]: claims[m["name"]]
+            for m in container["volumeMounts"]
+            if m["name"] in claims
+        }
+        assert mounted == expected, kind
     init = _pod("Job")["spec"]["containers"][0]
     assert init["command"] == compose_services()["train-init"]["command"]
     assert k8s_env(init) == compose_services()["train-init"]["environment"]

@@ -27,6 +27,7 @@ from training.retrain import (
     Gate,
     RetrainError,
     main,
+    make_work_dir,
     publish_candidate,
 )
 from training.train import load_checkpoint
@@ -199,6 +200,49 @@ def test_a_version_published_meanwhile_stops_the_publish(first, tmp_path) -> Non
         publish_candidate(candidate, repository, "mnist37", None, images)
 
     assert snapshot(repository) == before
+
+
+def test_runs_dir_gives_each_run_a_new_work_dir_that_keeps_the_report(tmp_path) -> None:
+    """MNIST37_RUNS_DIR (compose's and the CronJob's /runs volume): the report and the
+    rejected candidate land in a new retrain-<UTC>-<random> directory inside it."""
+    repository, runs = tmp_path / "repository", tmp_path / "volume" / "runs"
+    repository.mkdir()
+    earlier = runs / "retrain-20000101T000000Z-earlier"
+    earlier.mkdir(parents=True)
+    (earlier / REPORT_FILE).write_text("{}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST37_")}
+    env["MNIST37_RUNS_DIR"] = str(runs)
+    done = subprocess.run(
+        [str(RETRAIN), "--repository", str(repository), "--no-progress", *WEAK],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=240,
+    )
+    assert done.returncode == EXIT_REJECTED, done.stdout + done.stderr
+    (work_dir,) = [d for d in runs.iterdir() if d != earlier]
+    assert work_dir.name.startswith("retrain-") and work_dir.is_dir()
+    summary = json.loads(done.stdout.splitlines()[-1])
+    assert summary["report"] == str((work_dir / REPORT_FILE).resolve())
+    report = read_report(work_dir)
+    assert report["decision"] == "rejected"
+    assert Path(report["candidate"]["run_dir"]) == (work_dir / "candidate").resolve()
+    assert (work_dir / "candidate" / "model.onnx").is_file()
+    assert (earlier / REPORT_FILE).read_text() == "{}"  # an earlier run is left alone
+    assert not (tmp_path / "runs").exists()  # nothing in the default runs/ of the CWD
+    assert make_work_dir(None, runs) != make_work_dir(None, runs)
+
+
+def test_a_runs_dir_inside_the_repository_is_a_usage_error(tmp_path, monkeypatch) -> None:
+    for name in [n for n in os.environ if n.startswith("MNIST37_")]:
+        monkeypatch.delenv(name)
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    runs = repository / "runs"
+    code = main(["--repository", str(repository), "--runs-dir", str(runs), "--no-progress"])
+    assert code == EXIT_USAGE
+    assert not runs.exists()
 
 
 @pytest.mark.parametrize("problem", ["inside", "missing", "not empty"])

@@ -21,6 +21,7 @@ from PIL import Image
 from serving.codecs import decode_infer_response
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2, classifier_pb2_grpc
+from serving.healthcheck import LIVENESS_SERVICE
 from serving.repository import latest_version
 from serving.runtime import ModelRuntime
 
@@ -248,10 +249,59 @@ def test_health_overall_per_service_and_per_model(channel):
         "mnist37.v1.Classifier",
         "mnist37",
         "other",
+        LIVENESS_SERVICE,
     ):
         assert stub.Check(health_pb2.HealthCheckRequest(service=service)).status == serving
     code, _ = _code(lambda: stub.Check(health_pb2.HealthCheckRequest(service="nope")))
     assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_liveness_is_serving_without_a_model_until_the_drain(tmp_path):
+    """An empty repository: not ready ("" NOT_SERVING) but live (`liveness` SERVING), so
+    Kubernetes' livenessProbe leaves the pod alone; the SIGTERM drain ends liveness too."""
+    repository = tmp_path / "empty"
+    repository.mkdir()
+    server = start_server(repository, tmp_path, "--drain-quiet-period", "1", wait=False)
+    try:
+        with grpc.insecure_channel(server.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            def status(service):
+                request = health_pb2.HealthCheckRequest(service=service)
+                return stub.Check(request, timeout=5).status
+
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                assert server.process.poll() is None, server.log()
+                try:
+                    if status(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.RpcError:
+                    pass
+                time.sleep(0.1)
+            not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+            assert status(LIVENESS_SERVICE) == health_pb2.HealthCheckResponse.SERVING
+            assert status("") == not_serving
+            assert status("inference.GRPCInferenceService") == not_serving
+            # The container probe's own command agrees with both.
+            for service, expected in ((LIVENESS_SERVICE, 0), ("", 1)):
+                command = ["-m", "serving.healthcheck", "--address", server.target]
+                checked = subprocess.run(
+                    [sys.executable, *command, "--service", service],
+                    cwd=REPO_ROOT,
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                assert checked.returncode == expected, (service, checked.stdout)
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=LIVENESS_SERVICE))
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+            server.process.send_signal(signal.SIGTERM)
+            assert next(watch).status == not_serving
+    finally:
+        server.terminate()
+    assert server.process.returncode == 0, server.log()
+    assert "live but not ready" in server.log()
 
 
 def test_reflection_lists_and_describes_the_services(channel):

@@ -254,7 +254,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=Path,
         default=_env("WORK_DIR", None),
         help="new or empty directory for the candidate run and the report, outside the "
-        "repository [MNIST37_WORK_DIR] (default: a new runs/retrain-<UTC time>-<random>)",
+        "repository [MNIST37_WORK_DIR] (default: a new <runs-dir>/retrain-<UTC time>-<random>)",
+    )
+    add(
+        "--runs-dir",
+        type=Path,
+        default=_env("RUNS_DIR", DEFAULT_WORK_ROOT),
+        help="without --work-dir, each run creates a new retrain-<UTC time>-<random> "
+        "directory in this one, outside the repository [MNIST37_RUNS_DIR] "
+        "(default: %(default)s)",
     )
     return parser.parse_args(argv)
 
@@ -272,7 +280,7 @@ def usage_problem(args: argparse.Namespace) -> str | None:
         return str(error)
     if not args.repository.is_dir():
         return f"no model repository at {args.repository} (create the directory first)"
-    work_dir = args.work_dir if args.work_dir is not None else DEFAULT_WORK_ROOT
+    work_dir = args.work_dir if args.work_dir is not None else args.runs_dir
     if is_inside(work_dir, args.repository):
         return f"the work directory {work_dir} is inside the repository {args.repository}"
     if args.work_dir is not None and not is_new_or_empty_dir(args.work_dir):
@@ -284,14 +292,14 @@ def is_new_or_empty_dir(path: Path) -> bool:
     return not path.exists() or (path.is_dir() and not any(path.iterdir()))
 
 
-def make_work_dir(requested: Path | None) -> Path:
-    """The requested directory, created if needed, or a new one under `runs/`."""
+def make_work_dir(requested: Path | None, runs_dir: Path = DEFAULT_WORK_ROOT) -> Path:
+    """The requested directory, created if needed, or a new one under `runs_dir`."""
     if requested is not None:
         requested.mkdir(parents=True, exist_ok=True)
         return requested
-    DEFAULT_WORK_ROOT.mkdir(parents=True, exist_ok=True)
+    runs_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return Path(tempfile.mkdtemp(prefix=f"retrain-{stamp}-", dir=DEFAULT_WORK_ROOT))
+    return Path(tempfile.mkdtemp(prefix=f"retrain-{stamp}-", dir=runs_dir))
 
 
 def score_onnx(model: bytes | Path, images: np.ndarray, labels: np.ndarray) -> Score:
@@ -485,7 +493,7 @@ def main(argv: list[str] | None = None) -> int:
     gate = Gate(args.min_accuracy, args.max_regression)
     outcome = Outcome(args.model_name, str(args.repository.resolve()), str(args.work_dir), gate)
     try:
-        outcome.work_dir = str(make_work_dir(args.work_dir).resolve())
+        outcome.work_dir = str(make_work_dir(args.work_dir, args.runs_dir).resolve())
     except OSError as error:
         outcome.reasons = [report_error(error)]
     else:
