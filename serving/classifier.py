@@ -8,11 +8,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from serving.dataplane import DataPlane, InferenceResult
+from serving.edge import RpcCall, deadline_of
 from serving.errors import InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
 from serving.imaging import pixels_to_image, png_to_image
-from serving.oip import RpcCall, deadline_of
 from serving.repository import DEFAULT_MODEL_NAME
 from serving.runtime import IMAGE_SIDE
 

@@ -2,20 +2,15 @@
 ModelConfig, ModelStatistics and RepositoryIndex. Each RPC: protobuf -> plain values ->
 data plane -> protobuf.
 
-`RpcCall` is the gRPC edge both servicers share: every RPC runs inside one, which turns a
-`ServingError` into its status code, counts the RPC by code with its model and version
-(bounded labels), times it, and logs it once if it failed (rate-limited per RPC and code).
+Every RPC runs inside `serving.edge.RpcCall`, which maps errors to status codes and
+observes the RPC for metrics and logs.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
 from importlib import metadata
 from pathlib import Path
-
-import grpc
 
 from serving.codecs import (
     INPUT_DATATYPE,
@@ -24,12 +19,10 @@ from serving.codecs import (
     encode_infer_response,
 )
 from serving.dataplane import DataPlane
+from serving.edge import RpcCall, deadline_of
 from serving.errors import (
-    DeadlineExpired,
     InvalidInput,
     ModelNotFound,
-    ServerNotReady,
-    ServingError,
 )
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -39,140 +32,15 @@ from serving.repository import list_models, list_versions
 from serving.runtime import CUDA_PROVIDER, IMAGE_SIDE, INPUT_NAME, OUTPUT_NAMES
 from serving.stats import Duration
 
-log = logging.getLogger("serving.rpc")
-
 SERVER_NAME = "mnist37"
-UNKNOWN_MODEL = "_unknown"
-MAX_LOGGED_NAME = 100
 PLATFORM = "onnxruntime_onnx"
 EXTENSIONS = ("model_configuration", "statistics", "model_repository")
 
-_STATUS = {
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ServerNotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-}
 _CONFIG_TYPES = {
     "UINT8": config_pb.TYPE_UINT8,
     "FP32": config_pb.TYPE_FP32,
     "INT64": config_pb.TYPE_INT64,
 }
-
-
-_CLIENT_SIDE = {
-    grpc.StatusCode.CANCELLED,
-    grpc.StatusCode.INVALID_ARGUMENT,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
-    grpc.StatusCode.NOT_FOUND,
-    grpc.StatusCode.UNAVAILABLE,
-}
-
-
-class RpcCall:
-    """`async with RpcCall(dataplane, "ModelInfer", context) as call:` around an RPC's whole
-    handling. Inside, `call.resolve(name, version)` finds the model (and labels the RPC
-    with it); raising a `ServingError` answers with its status code. With
-    `inference=True` the RPC counts as in flight, which a graceful drain waits for."""
-
-    __slots__ = (
-        "_context",
-        "_dataplane",
-        "_inference",
-        "_requested_version",
-        "_start",
-        "model",
-        "requested",
-        "rpc",
-        "version",
-    )
-
-    def __init__(
-        self,
-        dataplane: DataPlane,
-        rpc: str,
-        context: grpc.aio.ServicerContext,
-        inference: bool = False,
-    ) -> None:
-        self._dataplane = dataplane
-        self._context = context
-        self._inference = inference
-        self.rpc = rpc
-        self.model = ""
-        self.version = ""
-        self.requested = ""
-        self._requested_version = ""
-
-    def resolve(self, name: str, version: str = "") -> LoadedModel:
-        self.name_model(name)
-        self._requested_version = version
-        loaded = self._dataplane.resolve(name, version)
-        self.version = loaded.version_label
-        return loaded
-
-    def name_model(self, name: str) -> None:
-        """Label the RPC with model `name`: kept if such a model is loaded, else the fixed
-        "_unknown", so clients cannot create label values."""
-        self.requested = name
-        self.model = name if self._dataplane.registry.versions(name) else UNKNOWN_MODEL
-
-    async def __aenter__(self) -> RpcCall:
-        if self._inference:
-            self._dataplane.in_flight += 1
-        self._start = time.perf_counter()
-        return self
-
-    async def __aexit__(self, error_type: type | None, error: BaseException | None, _tb) -> None:
-        seconds = time.perf_counter() - self._start
-        if self._inference:
-            self._dataplane.in_flight -= 1
-        if error is None:
-            self._dataplane.observer.rpc_finished(self.rpc, self.model, self.version, "OK", seconds)
-            return
-        if isinstance(error, ServingError):
-            code, details = _STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error)
-        elif isinstance(error, asyncio.CancelledError):
-            code, details = grpc.StatusCode.CANCELLED, "cancelled by the client or its deadline"
-        elif isinstance(error, grpc.aio.AbortError):
-            code, details = self._context.code() or grpc.StatusCode.UNKNOWN, ""
-        elif isinstance(error, Exception):
-            code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-        else:
-            return  # KeyboardInterrupt, SystemExit: not a request's outcome
-        observer = self._dataplane.observer
-        observer.rpc_finished(self.rpc, self.model, self.version, code.name, seconds)
-        self._log_failure(code, details, error)
-        if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
-            await self._context.abort(code, details)
-
-    def _log_failure(self, code: grpc.StatusCode, details: str, error: BaseException) -> None:
-        internal = code not in _CLIENT_SIDE
-        level = logging.ERROR if internal else logging.WARNING
-        if not self._dataplane.failure_log.allow(self.rpc, code.name, level):
-            return
-        log.log(
-            level,
-            "%s failed: %s: %s",
-            self.rpc,
-            code.name,
-            details,
-            exc_info=error if internal else None,
-            extra={
-                "rpc": self.rpc,
-                "model": self.requested[:MAX_LOGGED_NAME],
-                "version": self.version or self._requested_version[:MAX_LOGGED_NAME],
-                "code": code.name,
-                "peer": self._context.peer(),
-            },
-        )
-
-
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
-    """The RPC's deadline in event-loop time, or None."""
-    remaining = context.time_remaining()
-    if remaining is None:
-        return None
-    return asyncio.get_running_loop().time() + remaining
 
 
 def server_version() -> str:

@@ -17,6 +17,7 @@ from conftest import free_port, infer_request
 from prometheus_client import CollectorRegistry, Histogram
 
 from serving.config import ServerConfig
+from serving.edge import RpcCall
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -27,7 +28,6 @@ from serving.metrics import (
     VECTORISE_FROM,
     PrometheusObserver,
 )
-from serving.oip import RpcCall
 from serving.repository import latest_version
 from serving.runtime import ModelRuntime
 from serving.server import InferenceServer
