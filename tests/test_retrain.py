@@ -6,8 +6,10 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,6 +186,39 @@ def test_missing_data_is_an_error_with_a_report(tmp_path) -> None:
     assert result.summary["decision"] == "error" and result.summary["exit_code"] == 1
     assert "no such data directory" in read_report(tmp_path / "work")["reason"]
     assert list(repository.iterdir()) == []
+
+
+def test_sigterm_ends_the_job_with_a_report_and_publishes_nothing(tmp_path) -> None:
+    repository = tmp_path / "repository"
+    repository.mkdir()
+    work_dir = tmp_path / "work"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MNIST37_")}
+    command = [str(RETRAIN), "--repository", str(repository), "--work-dir", str(work_dir)]
+    job = subprocess.Popen(
+        [*command, "--no-progress", "--epochs", "100000"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not work_dir.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)  # the work dir appears once the SIGTERM handler is in place
+        assert work_dir.exists(), "the job never started"
+        time.sleep(2.0)  # into the 100,000 epochs
+        job.send_signal(signal.SIGTERM)
+        stdout, stderr = job.communicate(timeout=60)
+    finally:
+        job.kill()
+
+    assert job.returncode == EXIT_ERROR
+    summary = json.loads(stdout.splitlines()[-1])
+    assert summary["decision"] == "error" and summary["version"] is None
+    assert "terminated by SIGTERM" in read_report(work_dir)["reason"]
+    assert "terminated by SIGTERM" in stderr
+    assert list_versions(repository, "mnist37") == []
 
 
 def test_a_version_published_meanwhile_stops_the_publish(first, tmp_path) -> None:

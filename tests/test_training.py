@@ -257,3 +257,10 @@ def test_missing_data_dir_is_a_clean_error(tmp_path: Path, capsys) -> None:
     args = ["--data-dir", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--no-progress"]
     assert train_main(args) == 1
     assert "no such data directory" in capsys.readouterr().err
+
+
+def test_plural_says_one_epoch_and_many_epochs():
+    from training.cli import plural
+
+    assert plural(1, "epoch") == "1 epoch"
+    assert plural(80, "epoch") == "80 epochs"

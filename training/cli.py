@@ -315,6 +315,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     )
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def summary(metrics: dict, out_dir: Path) -> str:
     test, validation = metrics["test"], metrics["validation"]
     (threes_right, _), (_, sevens_right) = test["confusion_matrix"]
@@ -323,7 +327,7 @@ def summary(metrics: dict, out_dir: Path) -> str:
         f"({threes_right + sevens_right}/{test['count']}; always guessing the majority digit: "
         f"{100 * test['majority_baseline_accuracy']:.1f}%), test loss {test['loss']:.4f}, "
         f"validation accuracy {100 * validation['accuracy']:.2f}%\n"
-        f"{metrics['config']['epochs']} epochs in {metrics['train_time_s']:.1f} s "
+        f"{plural(metrics['config']['epochs'], 'epoch')} in {metrics['train_time_s']:.1f} s "
         f"({metrics['wall_time_s']:.1f} s in all); run directory {out_dir}"
     )
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -483,12 +484,23 @@ def write_report(outcome: Outcome) -> None:
         outcome.reasons.append(f"cannot write the report: {error}")
 
 
+def stop_on_sigterm() -> None:
+    """Make SIGTERM (a Job's deadline, `docker stop`) end the run like any error: nothing
+    half-published, and the report and summary line still written."""
+
+    def terminated(signum: int, _frame: object) -> None:
+        raise RetrainError(f"terminated by {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGTERM, terminated)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     problem = usage_problem(args)
     if problem is not None:
         print(f"mnist37-retrain: error: {problem}", file=sys.stderr)
         return EXIT_USAGE
+    stop_on_sigterm()
     started = time.perf_counter()
     gate = Gate(args.min_accuracy, args.max_regression)
     outcome = Outcome(args.model_name, str(args.repository.resolve()), str(args.work_dir), gate)
