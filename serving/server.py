@@ -37,7 +37,7 @@ from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_mod
 from serving.oip import InferenceServicer
 from serving.reloader import ModelReloader
 from serving.repository import ModelVersion
-from serving.runtime import PIXELS, DeviceUnavailable, RuntimeOptions
+from serving.runtime import PIXELS, DeviceUnavailable, RuntimeOptions, requested_providers
 
 log = logging.getLogger("serving")
 
@@ -82,6 +82,7 @@ class InferenceServer:
         config = self.config
         if not config.repository.is_dir():
             raise StartupError(f"model repository {config.repository} is not a directory")
+        requested_providers(config.device)  # --device cuda without CUDA: refuse, model or not
         await self.reloader.start()
         if not self.registry.is_ready():
             log.warning(

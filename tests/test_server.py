@@ -395,10 +395,17 @@ def test_sigterm_drains_every_accepted_request_and_exits_0(model_repository, tmp
     assert "SIGTERM received" in log and "stopped" in log
 
 
-def test_cuda_device_without_cuda_refuses_to_start(model_repository, tmp_path):
+@pytest.mark.parametrize("repository", ["with a model", "empty"])
+def test_cuda_device_without_cuda_refuses_to_start(model_repository, tmp_path, repository):
     from serving.runtime import cuda_usable
 
+    if repository == "empty":
+        model_repository = tmp_path / "empty"
+        model_repository.mkdir()
+
     if cuda_usable():  # a GPU machine: the same flag must start on CUDA and say so
+        if repository == "empty":
+            return  # nothing to load, nothing to check the provider of
         server = start_server(model_repository, tmp_path, "--device", "cuda")
         with grpc.insecure_channel(server.target) as channel:
             from serving.generated.inference import grpc_service_pb2_grpc
