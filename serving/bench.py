@@ -14,14 +14,13 @@ import csv
 import importlib.util
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from serving.launcher import start_server
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_SETTINGS = {
@@ -86,54 +85,6 @@ def perf_analyzer_command(
     return command, perf_analyzer_env()
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _start_server(repository: Path, extra: Sequence[str]) -> tuple[subprocess.Popen, str]:
-    import grpc
-
-    from serving.generated.inference import grpc_service_pb2 as pb
-    from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
-
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "serving.server",
-            "--repository",
-            str(repository),
-            "--host",
-            "127.0.0.1",
-            "--grpc-port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--log-level",
-            "warning",
-            *extra,
-        ],
-        cwd=REPO_ROOT,
-    )
-    target = f"127.0.0.1:{port}"
-    with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        for _ in range(300):
-            if process.poll() is not None:
-                raise RuntimeError(f"server exited with {process.returncode}")
-            try:
-                if stub.ServerReady(pb.ServerReadyRequest(), timeout=1).ready:
-                    return process, target
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not become ready")
-
-
 def _measure(target: str, concurrency: int, batch: int, measurement_ms: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "perf.csv"
@@ -183,7 +134,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"{'p50 us':>9}{'p99 us':>9}"
         )
         for setting in args.settings:
-            process, target = _start_server(repository, SERVER_SETTINGS[setting])
+            server = start_server(
+                repository, Path(scratch), "--log-level", "warning", *SERVER_SETTINGS[setting]
+            )
+            target = server.target
             try:
                 for concurrency, batch in LOADS:
                     figures = _measure(target, concurrency, batch, args.measurement_ms)
@@ -200,8 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         flush=True,
                     )
             finally:
-                process.send_signal(signal.SIGTERM)
-                process.wait(timeout=60)
+                server.terminate(timeout=60)
     baseline = "batching off"
     if baseline in args.settings:
         print("\nimages/s relative to batching off (same run):")

@@ -117,33 +117,5 @@ class InferenceObserver(Protocol):
         """`read()` returns the number of inference requests in flight, whenever asked."""
 
 
-class NullObserver:
-    def rpc_finished(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
-        pass
-
-    def predictions_made(
-        self, model: str, version: str, probability: np.ndarray, digit: np.ndarray
-    ) -> None:
-        pass
-
-    def batch_executed(
-        self,
-        model: str,
-        version: str,
-        batch_size: int,
-        queue_seconds: Sequence[float],
-        infer_seconds: float,
-    ) -> None:
-        pass
-
-    def model_loaded(self, model: str, version: str, arch: str, provider: str) -> None:
-        pass
-
-    def model_unloaded(self, model: str, version: str, arch: str, provider: str) -> None:
-        pass
-
-    def model_load_failed(self, model: str) -> None:
-        pass
-
-    def watch_in_flight(self, read: Callable[[], int]) -> None:
-        pass
+class NullObserver(InferenceObserver):
+    """Observes nothing: every method is the protocol's no-op."""

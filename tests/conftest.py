@@ -3,14 +3,8 @@ real `mnist37-serve` subprocess on a free loopback port."""
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -20,6 +14,7 @@ import pytest
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.idx import read_images, read_labels
+from serving.launcher import ServerProcess, start_server
 from serving.synthetic import mean_difference_model, publish_model, random_linear_model
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -49,76 +44,6 @@ def model_repository(tmp_path_factory, test_digits) -> Path:
     publish_model(repository, "mnist37", mean_difference_model(*test_digits))
     publish_model(repository, "other", random_linear_model(seed=2))
     return repository
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def terminate(self, timeout: float = 30.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=timeout)
-
-
-def start_server(repository: Path, log_dir: Path, *extra: str, wait: bool = True) -> ServerProcess:
-    """Run `mnist37-serve` on a free port; with `wait`, return once ServerReady is true."""
-    port = free_port()
-    log_path = log_dir / f"server-{port}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "serving.server",
-        "--repository",
-        str(repository),
-        "--host",
-        "127.0.0.1",
-        "--grpc-port",
-        str(port),
-        "--metrics-port",
-        "0",
-        *extra,
-    ]
-    with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ)
-        )
-    server = ServerProcess(process, port, log_path)
-    if wait:
-        wait_ready(server)
-    return server
-
-
-def wait_ready(server: ServerProcess, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = oip_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise AssertionError(f"server exited {server.process.returncode}:\n{server.log()}")
-            try:
-                if stub.ServerReady(oip_pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    server.terminate()
-    raise AssertionError(f"server not ready within {timeout}s:\n{server.log()}")
 
 
 @pytest.fixture(scope="module")

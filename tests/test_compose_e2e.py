@@ -47,9 +47,9 @@ from compose_helpers import (
     seconds,
     volume_mounts,
 )
-from conftest import free_port
 
 from serving.client import Mnist37Client, Prediction
+from serving.launcher import free_port
 
 PROMETHEUS_BIND_SOURCE = "./deploy/prometheus"
 PROMETHEUS_INSTALL_HINT = (

@@ -12,10 +12,11 @@ import time
 
 import grpc
 import pytest
-from conftest import infer_request, start_server
+from conftest import infer_request
 
 from serving.config import load_config
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
+from serving.launcher import start_server
 from serving.logs import FailureLogLimiter, JsonFormatter, TextFormatter, configure_logging
 
 

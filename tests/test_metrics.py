@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port, infer_request
+from conftest import infer_request
 from prometheus_client import CollectorRegistry, Histogram
 
 from serving.config import ServerConfig
@@ -22,6 +22,7 @@ from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.mnist37.v1 import classifier_pb2, classifier_pb2_grpc
+from serving.launcher import free_port
 from serving.metrics import (
     LATENCY_BUCKETS,
     PROBABILITY_BUCKETS,

@@ -18,11 +18,12 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import REPO_ROOT, free_port, infer_request, start_server
+from conftest import REPO_ROOT, infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.mnist37.v1 import classifier_pb2, classifier_pb2_grpc
+from serving.launcher import free_port, start_server
 
 PROMETHEUS_DIR = REPO_ROOT / "deploy" / "prometheus"
 DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "mnist37.json"

@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import free_port, infer_request, start_server
+from conftest import infer_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
@@ -34,6 +34,7 @@ from serving.errors import ModelNotFound
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.mnist37.v1 import classifier_pb2
+from serving.launcher import free_port, start_server
 from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import MODEL_FILE, ModelVersion

@@ -13,7 +13,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, infer_request, start_server
+from conftest import REPO_ROOT, infer_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
@@ -22,6 +22,7 @@ from serving.codecs import decode_infer_response
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2, classifier_pb2_grpc
 from serving.healthcheck import LIVENESS_SERVICE
+from serving.launcher import start_server
 from serving.repository import latest_version
 from serving.runtime import ModelRuntime
 

@@ -1,0 +1,97 @@
+"""Run `mnist37-serve` as a subprocess on a free loopback port and wait until it is ready:
+for the benchmark, the demo-style checks and the tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from serving.generated.inference import grpc_service_pb2 as oip_pb
+from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
+
+
+class ServerNotReady(RuntimeError):
+    """The server exited or did not become ready in time; the message has its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def terminate(self, timeout: float = 30.0) -> int:
+        """SIGTERM (a graceful drain), then the exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout=timeout)
+
+
+def start_server(
+    repository: Path, log_dir: Path, *extra: str, wait: bool = True, timeout: float = 60.0
+) -> ServerProcess:
+    """Run `python -m serving.server` on a free port, its output in `log_dir`; with `wait`,
+    return once ServerReady is true."""
+    port = free_port()
+    log_path = log_dir / f"server-{port}.log"
+    command = [
+        sys.executable,
+        "-m",
+        "serving.server",
+        "--repository",
+        str(repository),
+        "--host",
+        "127.0.0.1",
+        "--grpc-port",
+        str(port),
+        "--metrics-port",
+        "0",
+        *extra,
+    ]
+    with open(log_path, "w") as log_file:
+        process = subprocess.Popen(
+            command, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ)
+        )
+    server = ServerProcess(process, port, log_path)
+    if wait:
+        wait_ready(server, timeout)
+    return server
+
+
+def wait_ready(server: ServerProcess, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(server.target) as channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        while time.monotonic() < deadline:
+            if server.process.poll() is not None:
+                raise ServerNotReady(f"server exited {server.process.returncode}:\n{server.log()}")
+            try:
+                if stub.ServerReady(oip_pb.ServerReadyRequest(), timeout=1).ready:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    server.terminate()
+    raise ServerNotReady(f"server not ready within {timeout}s:\n{server.log()}")
