@@ -113,7 +113,10 @@ def _load_images(path: Path) -> list[bytes | np.ndarray]:
     data = path.read_bytes()
     if data.startswith(PNG_SIGNATURE):
         return [data]
-    return list(read_images(path))
+    try:
+        return list(read_images(path))
+    except IdxError as error:
+        raise IdxError(f"{path}: neither a PNG nor an IDX images file ({error})") from error
 
 
 def _classify_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
@@ -165,16 +168,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist37-client", description=__doc__.splitlines()[0])
+def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """--server and --timeout; without `defaults` a value given here overrides, and an
+    absent one leaves the main parser's value alone."""
+    server_default = os.environ.get("MNIST37_SERVER", DEFAULT_SERVER)
     parser.add_argument(
         "--server",
-        default=os.environ.get("MNIST37_SERVER", DEFAULT_SERVER),
+        default=server_default if defaults else argparse.SUPPRESS,
         help=f"host:port of the gRPC server [MNIST37_SERVER; default {DEFAULT_SERVER}]",
     )
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0 if defaults else argparse.SUPPRESS,
+        help="seconds per request (default 30)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnist37-client", description=__doc__.splitlines()[0])
+    _add_connection_arguments(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     classify = commands.add_parser("classify", help="classify PNG or IDX files")
+    _add_connection_arguments(classify, defaults=False)  # also accepted after `classify`
     classify.add_argument("files", nargs="*", type=Path, help="PNG files or IDX image files")
     classify.add_argument("--model", default="", help=f"model name (default {DEFAULT_MODEL_NAME})")
     classify.add_argument("--model-version", default="", help="version (default: newest)")

@@ -94,7 +94,12 @@ class InferenceServer:
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc_server.start()
         if self.observer is not None:
-            self.observer.serve(config.host, config.metrics_port)
+            try:
+                self.observer.serve(config.host, config.metrics_port)
+            except OSError as error:
+                raise StartupError(
+                    f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}"
+                ) from error
         await self._update_health()
         log.info(
             "serving %d model version(s) on %s (gRPC), metrics on %s",

@@ -111,3 +111,20 @@ def test_cli_reports_server_errors_without_a_traceback(server, tmp_path, capsys)
     Image.fromarray(np.zeros((28, 28), np.uint8)).save(png_path)
     assert main(["--server", server.target, "classify", "--model", "nope", str(png_path)]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+def test_server_flag_works_before_and_after_the_command():
+    from serving.client import build_parser
+
+    before = build_parser().parse_args(["--server", "h:1", "classify", "x.png"])
+    after = build_parser().parse_args(["classify", "--server", "h:2", "--timeout", "5", "x.png"])
+    default = build_parser().parse_args(["classify", "x.png"])
+    assert (before.server, after.server, after.timeout) == ("h:1", "h:2", 5.0)
+    assert default.server and default.timeout == 30.0
+
+
+def test_a_file_that_is_neither_png_nor_idx_is_named(tmp_path, capsys):
+    bogus = tmp_path / "drawing.png"
+    bogus.write_text("hello")
+    assert main(["--server", "127.0.0.1:1", "classify", str(bogus)]) == 1
+    assert "drawing.png: neither a PNG nor an IDX images file" in capsys.readouterr().err

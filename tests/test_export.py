@@ -274,6 +274,8 @@ def test_publish_run_publishes_a_complete_self_describing_version(run_dir, tmp_p
     assert card["onnx"]["metadata"] == read_metadata(onnx_bytes)
     assert read_metadata(onnx_bytes)["model_version"] == "1"
     assert read_metadata(other.model_path.read_bytes())["model_name"] == "candidate"
+    assert read_metadata(other.model_path) == read_metadata(str(other.model_path))
+    assert read_metadata(other.model_path) == read_metadata(other.model_path.read_bytes())
 
     # Same checkpoint, same bytes: the versions differ only in their version stamp.
     def without_version(path: Path) -> bytes:

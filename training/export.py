@@ -20,6 +20,7 @@ import logging
 import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import onnx
 import torch
@@ -168,9 +169,11 @@ def check_model(model: onnx.ModelProto) -> None:
         ) from error
 
 
-def read_metadata(model: onnx.ModelProto | bytes) -> dict[str, str]:
-    """The metadata properties of an ONNX model (a ModelProto or a file's bytes)."""
-    if isinstance(model, bytes):
+def read_metadata(model: onnx.ModelProto | bytes | str | Path) -> dict[str, str]:
+    """The metadata properties of an ONNX model: a ModelProto, a file's bytes or its path."""
+    if isinstance(model, str | Path):
+        model = onnx.load(model, load_external_data=False)
+    elif isinstance(model, bytes):
         model = onnx.load_from_string(model)
     return {prop.key: prop.value for prop in model.metadata_props}
 
