@@ -7,8 +7,9 @@ under concurrency, what arrives while a call runs forms the next batch. With a p
 `max_queue_delay` a batch that is not full also waits up to that long for company.
 
 A request larger than `max_batch_size` is split into chunks that queue like requests of
-their own. A request that is cancelled, or whose deadline passes, while queued is dropped
-before its batch is built. Each caller gets exactly its own rows, in order.
+their own; in the Triton statistics it still counts as one request, with its chunks'
+durations summed. A request that is cancelled, or whose deadline passes, while queued is
+dropped before its batch is built. Each caller gets exactly its own rows, in order.
 
 After each successful call, `on_batch` gets the batch's image count, the queue wait of every
 queued item in it (a request, or one chunk of a split request) and the call's duration.
@@ -27,7 +28,7 @@ from functools import partial
 import numpy as np
 
 from serving.errors import DeadlineExpired
-from serving.stats import InferenceStats
+from serving.stats import InferenceStats, SplitRequestDurations
 
 Prediction = tuple[np.ndarray, np.ndarray]
 PredictFunction = Callable[[np.ndarray], Prediction]
@@ -41,6 +42,7 @@ class _Queued:
     future: asyncio.Future[Prediction]
     enqueued_ns: int
     deadline: float | None
+    split: SplitRequestDurations | None = None  # set on the chunks of a split request
 
 
 class DynamicBatcher:
@@ -77,8 +79,9 @@ class DynamicBatcher:
         count = len(images)
         if count <= self.max_batch_size:
             return await self._put(images, deadline)
+        durations = SplitRequestDurations()
         futures = [
-            self._put(images[start : start + self.max_batch_size], deadline)
+            self._put(images[start : start + self.max_batch_size], deadline, durations)
             for start in range(0, count, self.max_batch_size)
         ]
         try:
@@ -86,15 +89,21 @@ class DynamicBatcher:
         finally:
             for future in futures:
                 future.cancel()
+        self.stats.record_split_request(durations)
         return (
             np.concatenate([probability for probability, _ in parts]),
             np.concatenate([digit for _, digit in parts]),
         )
 
-    def _put(self, images: np.ndarray, deadline: float | None) -> asyncio.Future[Prediction]:
+    def _put(
+        self,
+        images: np.ndarray,
+        deadline: float | None,
+        split: SplitRequestDurations | None = None,
+    ) -> asyncio.Future[Prediction]:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Prediction] = loop.create_future()
-        self._queue.append(_Queued(images, future, time.perf_counter_ns(), deadline))
+        self._queue.append(_Queued(images, future, time.perf_counter_ns(), deadline, split))
         self._queued_images += len(images)
         if not self._running:
             self._schedule(loop)
@@ -188,9 +197,20 @@ class DynamicBatcher:
             offset += rows
         output_ns = time.perf_counter_ns() - output_start
         waits_ns = [start_ns - item.enqueued_ns for item in batch]
+        requests, requests_wait_ns = 0, 0
+        for item, wait_ns in zip(batch, waits_ns, strict=True):
+            split = item.split
+            if split is None:
+                requests += 1
+                requests_wait_ns += wait_ns
+            else:
+                split.queue_ns += wait_ns
+                split.input_ns += input_ns
+                split.infer_ns += infer_ns
+                split.output_ns += output_ns
         stats = self.stats
-        stats.queue.add(sum(waits_ns), len(waits_ns))
-        stats.record_execution(offset, len(batch), input_ns, infer_ns, output_ns)
+        stats.queue.add(requests_wait_ns, requests)
+        stats.record_execution(offset, requests, input_ns, infer_ns, output_ns)
         if self._on_batch is not None:
             self._on_batch(offset, [wait_ns / 1e9 for wait_ns in waits_ns], infer_ns / 1e9)
 

@@ -3,58 +3,107 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
 from serving.dataplane import DataPlane, InferenceResult
 from serving.edge import RpcCall, deadline_of
-from serving.errors import InvalidInput
+from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
-from serving.imaging import pixels_to_image, png_to_image
+from serving.imaging import (
+    DEFAULT_PNG_LIMITS,
+    PngLimits,
+    check_png_sizes,
+    pixels_to_image,
+    png_to_image,
+)
 from serving.repository import DEFAULT_MODEL_NAME
 from serving.runtime import IMAGE_SIDE
 
 
-def decode_images(images: list[pb.Image]) -> np.ndarray:
-    """The request's images as uint8 [N, 28, 28]; PNGs are converted the MNIST way."""
+def _never() -> bool:
+    return False
+
+
+def decode_images(
+    images: Sequence[pb.Image],
+    limits: PngLimits = DEFAULT_PNG_LIMITS,
+    should_stop: Callable[[], bool] = _never,
+) -> np.ndarray:
+    """The request's images as uint8 [N, 28, 28]; PNGs are converted the MNIST way once
+    every PNG header is within `limits`. `should_stop()`, asked before each image, abandons
+    the rest (DeadlineExpired) when the RPC was cancelled or its deadline passed."""
+    check_png_sizes(
+        (
+            (index, image.png)
+            for index, image in enumerate(images)
+            if image.WhichOneof("data") == "png"
+        ),
+        limits,
+    )
     batch = np.empty((len(images), IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
     for index, image in enumerate(images):
+        if should_stop():
+            raise DeadlineExpired(
+                f"images[{index}]: decoding abandoned: the request was cancelled or its "
+                "deadline passed"
+            )
         kind = image.WhichOneof("data")
         if kind == "pixels":
             batch[index] = pixels_to_image(image.pixels, index)
         elif kind == "png":
-            batch[index] = png_to_image(image.png, index)
+            batch[index] = png_to_image(image.png, index, limits.image_pixels)
         else:
             raise InvalidInput(f"images[{index}]: set either pixels or png")
     return batch
 
 
 class ClassifierServicer(pb_grpc.ClassifierServicer):
-    def __init__(self, dataplane: DataPlane) -> None:
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        png_limits: PngLimits = DEFAULT_PNG_LIMITS,
+        png_executor: Executor | None = None,
+    ) -> None:
         self.dataplane = dataplane
+        self.png_limits = png_limits
+        # Requests with PNGs decode only on these few threads, so concurrent requests
+        # cannot multiply decoding's memory and CPU.
+        self.png_executor = png_executor or ThreadPoolExecutor(1, thread_name_prefix="png")
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         async with RpcCall(self.dataplane, "Classify", context, inference=True) as call:
             name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
             call.resolve(name, version)  # an unknown model fails before any decoding
-            images = await self._decode(request.images)
+            images = await self._decode(request.images, context)
             # Resolve again: a version retired while PNGs decoded must not be used.
             model = call.resolve(name, version)
             result = await self.dataplane.infer(model, images, deadline_of(context))
             return _response(result)
 
-    async def _decode(self, images: Sequence[pb.Image]) -> np.ndarray:
-        limit = self.dataplane.max_request_images
-        if len(images) > limit:
-            raise InvalidInput(
-                f"images: {len(images)} images exceed the limit of {limit} per request "
-                "(--max-request-images)"
+    async def _decode(self, images: Sequence[pb.Image], context) -> np.ndarray:
+        self.dataplane.check_image_count(len(images), "images")
+        if not any(image.WhichOneof("data") == "png" for image in images):
+            return decode_images(list(images))
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
+        abandoned = threading.Event()
+
+        def should_stop() -> bool:
+            return abandoned.is_set() or (deadline is not None and time.monotonic() >= deadline)
+
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(
+                self.png_executor, decode_images, list(images), self.png_limits, should_stop
             )
-        if any(image.WhichOneof("data") == "png" for image in images):
-            return await asyncio.to_thread(decode_images, list(images))
-        return decode_images(list(images))
+        finally:
+            abandoned.set()  # when cancelled, the decoding thread stops before its next image
 
 
 def _response(result: InferenceResult) -> pb.ClassifyResponse:

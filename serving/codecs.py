@@ -3,10 +3,16 @@
 Requests carry the `images` tensor either typed (`inputs[0].contents.uint_contents`) or
 raw (`raw_input_contents[0]`, never both). Responses are raw when the request was raw
 (tritonclient decodes only raw outputs) and typed otherwise.
+
+No tensor parameter is supported (Triton's `classification`, shared memory, ...): a request
+with one is refused rather than answered as if it were absent. Request-level `parameters`
+(`priority`, `timeout`, `sequence_id`, ...; tritonclient and perf_analyzer send none by
+default) are ignored.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +42,10 @@ _CONTENT_FIELDS = (
 )
 
 
+# (image count, the field it came from): raises InvalidInput if the count is too large
+ImageCountCheck = Callable[[int, str], None]
+
+
 @dataclass(frozen=True, slots=True)
 class DecodedRequest:
     images: np.ndarray
@@ -43,8 +53,11 @@ class DecodedRequest:
     outputs: tuple[str, ...]
 
 
-def decode_infer_request(request: pb.ModelInferRequest, max_images: int) -> DecodedRequest:
-    """The request's images as uint8 [N, 28, 28], or InvalidInput naming the bad field."""
+def decode_infer_request(
+    request: pb.ModelInferRequest, check_image_count: ImageCountCheck
+) -> DecodedRequest:
+    """The request's images as uint8 [N, 28, 28], or InvalidInput naming the bad field.
+    `check_image_count` runs once the shape is known, before any content is decoded."""
     inputs = request.inputs
     if len(inputs) != 1:
         raise InvalidInput(
@@ -62,12 +75,10 @@ def decode_infer_request(request: pb.ModelInferRequest, max_images: int) -> Deco
     shape = list(tensor.shape)
     if len(shape) != 3 or shape[1:] != [IMAGE_SIDE, IMAGE_SIDE] or shape[0] < 0:
         raise InvalidInput(f"inputs[0].shape: {shape} is not [N, 28, 28]")
+    if tensor.parameters:
+        raise InvalidInput(f"inputs[0].parameters: {_names(tensor.parameters)} not supported")
     count = shape[0]
-    if count > max_images:
-        raise InvalidInput(
-            f"inputs[0].shape: {count} images exceed the limit of {max_images} per request "
-            "(--max-request-images)"
-        )
+    check_image_count(count, "inputs[0].shape")
     has_contents = tensor.HasField("contents")
     raw_contents = request.raw_input_contents
     if raw_contents:
@@ -117,15 +128,27 @@ def _decode_typed(
 def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     if not request.outputs:
         return OUTPUT_NAMES
-    names = []
+    names: list[str] = []
     for index, output in enumerate(request.outputs):
         if output.name not in OUTPUT_DATATYPES:
             raise InvalidInput(
                 f"outputs[{index}].name: unknown output {output.name!r}, "
                 f"expected one of {list(OUTPUT_NAMES)}"
             )
+        if output.name in names:
+            raise InvalidInput(f"outputs[{index}].name: {output.name!r} is requested twice")
+        if output.parameters:
+            raise InvalidInput(
+                f"outputs[{index}].parameters: {_names(output.parameters)} not supported"
+            )
         names.append(output.name)
     return tuple(names)
+
+
+def _names(parameters: Mapping[str, pb.InferParameter]) -> str:
+    """`classification is` or `a, b are`: the parameters an error message names."""
+    keys = sorted(parameters)
+    return f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'}"
 
 
 def encode_infer_response(

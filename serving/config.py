@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from serving.imaging import MAX_PNG_PIXELS, MAX_REQUEST_PNG_PIXELS
+
 ENV_PREFIX = "MNIST37_"
 DEVICES = ("cpu", "cuda", "auto")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
@@ -33,6 +35,9 @@ class ServerConfig:
     max_batch_size: int = 64
     max_queue_delay_us: int = 0
     max_request_images: int = 4096
+    max_png_pixels: int = MAX_PNG_PIXELS
+    max_request_png_pixels: int = MAX_REQUEST_PNG_PIXELS
+    png_threads: int = 2
     inference_threads: int = 2
     shutdown_timeout: float = 30.0
     drain_quiet_period: float = 0.2
@@ -64,6 +69,12 @@ _HELP = {
     "(0: run at once when idle, batch only what queues up meanwhile)",
     "max_request_images": "most images one request may carry, more is INVALID_ARGUMENT "
     "(reported as max_batch_size in ModelConfig)",
+    "max_png_pixels": "most pixels (width x height, read from the header before decoding) "
+    "of one PNG, more is INVALID_ARGUMENT",
+    "max_request_png_pixels": "most pixels of all the PNGs of one request together, more is "
+    "INVALID_ARGUMENT",
+    "png_threads": "threads that decode PNGs; requests with PNGs wait for one, so decoding "
+    "memory does not grow with concurrent requests",
     "inference_threads": "threads that run onnxruntime calls off the event loop",
     "shutdown_timeout": "seconds a SIGTERM/SIGINT drain may take before stopping anyway",
     "drain_quiet_period": "seconds without a request in flight that end a drain",
@@ -83,7 +94,15 @@ _CHOICES: Mapping[str, Sequence[str]] = {
     "log_format": LOG_FORMATS,
 }
 
-_POSITIVE = {"max_batch_size", "max_request_images", "inference_threads", "keep_versions"}
+_POSITIVE = {
+    "max_batch_size",
+    "max_request_images",
+    "max_png_pixels",
+    "max_request_png_pixels",
+    "png_threads",
+    "inference_threads",
+    "keep_versions",
+}
 _NON_NEGATIVE = {
     "grpc_port",
     "metrics_port",

@@ -40,14 +40,23 @@ class DataPlane:
         self.registry = registry
         self.max_request_images = max_request_images
         self.observer: InferenceObserver = observer or NullObserver()
-        # how many failed RPCs serving.oip.RpcCall logs (no limit by default)
+        # how many failed RPCs serving.edge.RpcCall logs (no limit by default)
         self.failure_log = failure_log or FailureLogLimiter(0)
-        self.in_flight = 0  # inference RPCs being handled (serving.oip.RpcCall counts them)
+        self.in_flight = 0  # inference RPCs being handled (serving.edge.RpcCall counts them)
         self.accepting = True
         self.observer.watch_in_flight(lambda: self.in_flight)
 
     def resolve(self, name: str, version: str = "") -> LoadedModel:
         return self.registry.resolve(name, version)
+
+    def check_image_count(self, count: int, field: str) -> None:
+        """Refuse a request of more than --max-request-images images; both APIs call this
+        before decoding anything. `field` names where the count came from."""
+        if count > self.max_request_images:
+            raise InvalidInput(
+                f"{field}: {count} images exceed the limit of {self.max_request_images} "
+                "per request (--max-request-images)"
+            )
 
     async def infer(
         self, model: LoadedModel, images: np.ndarray, deadline: float | None = None
@@ -55,11 +64,6 @@ class DataPlane:
         """Predictions for uint8 [N, 28, 28] images from an already resolved model."""
         if not self.accepting:
             raise ServerNotReady("the server is shutting down")
-        if len(images) > self.max_request_images:
-            raise InvalidInput(
-                f"images: {len(images)} images exceed the limit of {self.max_request_images} "
-                "per request (--max-request-images)"
-            )
         start_ns = time.perf_counter_ns()
         model.request_started()
         outcome = "success"
@@ -81,7 +85,8 @@ class DataPlane:
             elapsed_ns = time.perf_counter_ns() - start_ns
             (model.stats.success if outcome == "success" else model.stats.fail).add(elapsed_ns)
 
-    def record_rejected(self, model: LoadedModel, error: ServingError) -> None:
-        """Count a request refused before inference (e.g. a malformed tensor) in the
-        model's Triton statistics; the RPC edge counts it in the metrics."""
-        model.stats.fail.add(0)
+    def record_rejected(self, model: LoadedModel, elapsed_ns: int) -> None:
+        """Count a request refused as invalid before inference (`serving.edge.RpcCall` calls
+        this) as failed in the model's Triton statistics. `infer` raises no InvalidInput, so
+        no request is counted twice."""
+        model.stats.fail.add(elapsed_ns)

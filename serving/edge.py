@@ -2,7 +2,8 @@
 
 Every RPC runs inside one `RpcCall`, which turns a `ServingError` into its status code,
 counts the RPC by code with its model and version (bounded labels), times it, and logs it
-once if it failed (rate-limited per RPC and code).
+once if it failed (rate-limited per RPC and code). An inference request refused as invalid
+after its model was resolved also counts as failed in that model's Triton statistics.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class RpcCall:
         "_context",
         "_dataplane",
         "_inference",
+        "_loaded",
         "_requested_version",
         "_start",
         "model",
@@ -77,12 +79,14 @@ class RpcCall:
         self.version = ""
         self.requested = ""
         self._requested_version = ""
+        self._loaded: LoadedModel | None = None
 
     def resolve(self, name: str, version: str = "") -> LoadedModel:
         self.name_model(name)
         self._requested_version = version
         loaded = self._dataplane.resolve(name, version)
         self.version = loaded.version_label
+        self._loaded = loaded
         return loaded
 
     def name_model(self, name: str) -> None:
@@ -106,8 +110,10 @@ class RpcCall:
             return
         if isinstance(error, ServingError):
             code, details = _STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error)
+            if self._inference and self._loaded is not None and isinstance(error, InvalidInput):
+                self._dataplane.record_rejected(self._loaded, int(seconds * 1e9))
         elif isinstance(error, asyncio.CancelledError):
-            code, details = grpc.StatusCode.CANCELLED, "cancelled by the client or its deadline"
+            code, details = self._cancellation()
         elif isinstance(error, grpc.aio.AbortError):
             code, details = self._context.code() or grpc.StatusCode.UNKNOWN, ""
         elif isinstance(error, Exception):
@@ -119,6 +125,16 @@ class RpcCall:
         self._log_failure(code, details, error)
         if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
             await self._context.abort(code, details)
+
+    def _cancellation(self) -> tuple[grpc.StatusCode, str]:
+        """Why the handler was cancelled: grpc.aio cancels it when the client cancels, its
+        deadline passes or the server's stop runs out of grace."""
+        remaining = self._context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+        if not self._dataplane.accepting:
+            return grpc.StatusCode.CANCELLED, "cancelled while the server was stopping"
+        return grpc.StatusCode.CANCELLED, "cancelled by the client"
 
     def _log_failure(self, code: grpc.StatusCode, details: str, error: BaseException) -> None:
         internal = code not in _CLIENT_SIDE

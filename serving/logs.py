@@ -4,7 +4,7 @@ plain text for people, chosen with --log-format.
 A JSON line holds `ts` (UTC, ISO 8601 with milliseconds), `level`, `logger`, `message`,
 then the request fields a log call passes in `extra` (`rpc`, `model`, `version`, `code`,
 `peer`, `suppressed`) and `exception` with the traceback when there is one. Only failed
-requests are logged (by `serving.oip.RpcCall`), never successful ones, and at most
+requests are logged (by `serving.edge.RpcCall`), never successful ones, and at most
 --log-failures-per-second of each kind (`FailureLogLimiter`).
 """
 

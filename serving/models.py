@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from serving.batcher import BatchListener, DynamicBatcher
 from serving.errors import ModelNotFound
-from serving.repository import ModelVersion, RepositoryError
+from serving.repository import ModelVersion, RepositoryError, parse_version
 from serving.runtime import ModelRuntime, RuntimeOptions
 from serving.stats import InferenceStats, card_architecture
 
@@ -41,7 +41,6 @@ class LoadedModel:
     card: Mapping[str, object]
     stats: InferenceStats
     in_flight: int = 0
-    unloaded: bool = False
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
     @property
@@ -70,12 +69,6 @@ class LoadedModel:
             if self._idle is None or self._idle.is_set():
                 self._idle = asyncio.Event()
             await self._idle.wait()
-
-    def unload(self) -> None:
-        """Marks the version unloaded. Nothing is torn down: the onnxruntime session is
-        freed with the last reference, so a request that resolved this version just before
-        it left the registry still finishes on it instead of failing."""
-        self.unloaded = True
 
 
 ModelMap = Mapping[str, Mapping[int, LoadedModel]]
@@ -118,12 +111,14 @@ class ModelRegistry:
             raise ModelNotFound(f"model {name!r} is not loaded (loaded: {self.names()})")
         if not version:
             return versions[next(reversed(versions))]
-        if not version.isdigit() or int(version) not in versions:
+        number = parse_version(version)
+        model = versions.get(number) if number is not None else None
+        if model is None:
             raise ModelNotFound(
                 f"model {name!r} has no loaded version {version!r} "
                 f"(loaded: {[str(number) for number in versions]})"
             )
-        return versions[int(version)]
+        return model
 
     def is_ready(self) -> bool:
         return bool(self._models)

@@ -20,10 +20,7 @@ from serving.codecs import (
 )
 from serving.dataplane import DataPlane
 from serving.edge import RpcCall, deadline_of
-from serving.errors import (
-    InvalidInput,
-    ModelNotFound,
-)
+from serving.errors import ModelNotFound
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.inference import model_config_pb2 as config_pb
@@ -115,11 +112,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
         async with RpcCall(self.dataplane, "ModelInfer", context, inference=True) as call:
             model = call.resolve(request.model_name, request.model_version)
-            try:
-                decoded = decode_infer_request(request, self.dataplane.max_request_images)
-            except InvalidInput as error:
-                self.dataplane.record_rejected(model, error)
-                raise
+            decoded = decode_infer_request(request, self.dataplane.check_image_count)
             result = await self.dataplane.infer(model, decoded.images, deadline_of(context))
             response = pb.ModelInferResponse(
                 model_name=result.model_name, model_version=result.model_version, id=request.id

@@ -284,8 +284,9 @@ class ModelReloader:
                 del self._failures[key]
 
     async def _unload(self, model: LoadedModel) -> None:
+        # Nothing is torn down: the onnxruntime session is freed with the last reference,
+        # so a request that resolved this version just before it left still finishes on it.
         await model.wait_idle()
-        model.unload()
         log.info("unloaded model %s version %d", model.name, model.version)
         self.observer.model_unloaded(
             model.name, model.version_label, model.architecture, model.provider

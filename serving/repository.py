@@ -82,6 +82,12 @@ def list_models(repository: Path) -> list[str]:
     )
 
 
+def parse_version(name: str) -> int | None:
+    """The version number `name` spells ("1", "2", ...: ASCII digits, no sign, no leading
+    zero), the same rule as for version directories; None for anything else."""
+    return int(name) if _VERSION_NAME.fullmatch(name) else None
+
+
 def list_versions(repository: Path, name: str) -> list[ModelVersion]:
     """The published versions of a model, oldest first. Staging directories are ignored."""
     model_dir = repository / name

@@ -31,6 +31,7 @@ from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
 from serving.healthcheck import LIVENESS_SERVICE
+from serving.imaging import PngLimits
 from serving.logs import FailureLogLimiter, configure_logging
 from serving.metrics import PrometheusObserver
 from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
@@ -64,6 +65,9 @@ class InferenceServer:
         )
         self.executor = ThreadPoolExecutor(
             max_workers=config.inference_threads, thread_name_prefix="onnxruntime"
+        )
+        self.png_executor = ThreadPoolExecutor(
+            max_workers=config.png_threads, thread_name_prefix="png"
         )
         self.health = health.aio.HealthServicer()
         self.reloader = ModelReloader(
@@ -154,7 +158,12 @@ class InferenceServer:
             ),
             server,
         )
-        classifier_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.dataplane), server)
+        classifier = ClassifierServicer(
+            self.dataplane,
+            PngLimits(config.max_png_pixels, config.max_request_png_pixels),
+            self.png_executor,
+        )
+        classifier_grpc.add_ClassifierServicer_to_server(classifier, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -212,6 +221,7 @@ class InferenceServer:
         for model in self.registry.swap([]):
             await model.wait_idle()
         self.executor.shutdown(wait=True)
+        self.png_executor.shutdown(wait=True)
         if self.observer is not None:
             self.observer.close()
         log.info("stopped")
@@ -243,6 +253,7 @@ async def serve(config: ServerConfig) -> int:
         await server.start()
     except BaseException:
         server.executor.shutdown(wait=False)
+        server.png_executor.shutdown(wait=False)
         if server.grpc_server is not None:
             await server.grpc_server.stop(0)
         raise

@@ -35,10 +35,23 @@ class BatchStats:
     compute_output: Duration = field(default_factory=Duration)
 
 
+@dataclass(slots=True)
+class SplitRequestDurations:
+    """One request split into chunks: its chunks' queue waits and their executions'
+    compute durations, summed, to count as one request once every chunk is answered."""
+
+    queue_ns: int = 0
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+
+
 @dataclass
 class InferenceStats:
     """Cumulative figures for one model version, in Triton's terms: the request-level
-    durations count each request once; `batches` counts executions per batch size."""
+    durations (`queue`, `compute_*`) count each answered request once, a request split into
+    chunks with its chunks' durations summed; `execution_count` and `batches` count
+    onnxruntime calls."""
 
     inference_count: int = 0
     execution_count: int = 0
@@ -54,6 +67,8 @@ class InferenceStats:
     def record_execution(
         self, batch_size: int, requests: int, input_ns: int, infer_ns: int, output_ns: int
     ) -> None:
+        """One onnxruntime call of `batch_size` images; `requests` whole (unsplit) requests
+        in it take its compute durations as theirs."""
         self.execution_count += 1
         self.inference_count += batch_size
         self.last_inference_ms = time.time_ns() // 1_000_000
@@ -66,6 +81,13 @@ class InferenceStats:
         self.compute_input.add(input_ns * requests, requests)
         self.compute_infer.add(infer_ns * requests, requests)
         self.compute_output.add(output_ns * requests, requests)
+
+    def record_split_request(self, durations: SplitRequestDurations) -> None:
+        """A request split into chunks was answered: count it once."""
+        self.queue.add(durations.queue_ns)
+        self.compute_input.add(durations.input_ns)
+        self.compute_infer.add(durations.infer_ns)
+        self.compute_output.add(durations.output_ns)
 
 
 def card_architecture(card: Mapping[str, object]) -> str:

@@ -212,5 +212,49 @@ def test_every_queued_request_reports_its_own_wait(executor):
     assert waits[2] >= 0.02 and infer_seconds >= 0
     every_wait = [wait for _, report_waits, _ in reports for wait in report_waits]
     assert reports[3][1][0] > reports[2][1][0] > 0
-    assert batcher.stats.queue.count == len(every_wait) == 6
+    # the Triton statistics count the split request once, with its chunks' waits summed
+    assert len(every_wait) == 6 and batcher.stats.queue.count == 5
     assert batcher.stats.queue.ns == pytest.approx(sum(every_wait) * 1e9, abs=10)
+
+
+def test_a_split_request_counts_once_with_its_chunks_durations_summed(executor):
+    async def scenario():
+        batcher = DynamicBatcher(RecordingModel(), executor, max_batch_size=64)
+        await batcher.infer(tagged(0, 200))  # chunks of 64, 64, 64 and 8
+        await batcher.infer(tagged(0, 5))
+        return batcher.stats
+
+    stats = run(scenario())
+    assert (stats.execution_count, stats.inference_count) == (5, 205)
+    assert {size: batch.compute_infer.count for size, batch in stats.batches.items()} == {
+        64: 3,
+        8: 1,
+        5: 1,
+    }
+    batches = stats.batches.values()
+    for kind in ("compute_input", "compute_infer", "compute_output"):
+        request_level = getattr(stats, kind)
+        assert request_level.count == 2, kind
+        # each request took the whole time of every execution it was part of
+        assert request_level.ns == sum(getattr(batch, kind).ns for batch in batches), kind
+    assert stats.queue.count == 2
+
+
+def test_a_split_request_that_fails_is_not_counted(executor):
+    model = RecordingModel()
+    calls = itertools.count()
+
+    def fail_the_second_chunk(images):
+        if next(calls) == 1:
+            raise RuntimeError("onnxruntime failed")
+        return model(images)
+
+    async def scenario():
+        batcher = DynamicBatcher(fail_the_second_chunk, executor, max_batch_size=64)
+        with pytest.raises(RuntimeError):
+            await batcher.infer(tagged(0, 200))
+        return batcher.stats
+
+    stats = run(scenario())
+    assert stats.queue.count == stats.compute_infer.count == 0
+    assert stats.execution_count >= 1, "the first chunk ran and is counted as an execution"

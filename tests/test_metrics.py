@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -17,6 +18,7 @@ from conftest import infer_request
 from prometheus_client import CollectorRegistry, Histogram
 
 from serving.config import ServerConfig
+from serving.dataplane import DataPlane
 from serving.edge import RpcCall
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
@@ -29,6 +31,7 @@ from serving.metrics import (
     VECTORISE_FROM,
     PrometheusObserver,
 )
+from serving.models import ModelRegistry
 from serving.repository import latest_version
 from serving.runtime import ModelRuntime
 from serving.server import InferenceServer
@@ -216,9 +219,10 @@ def test_every_error_kind_is_counted_with_bounded_labels(model_repository, test_
             assert value(server, "mnist37_batch_size_count", model="mnist37") == 0
             assert value(server, "mnist37_inflight_requests") == 0
             assert server.dataplane.in_flight == 0
-            # the Triton statistics still count the request refused after resolving
+            # the Triton statistics count both APIs' requests refused after resolving (the
+            # wrong datatype, the bad PNG), nothing else
             statistics = await oip.ModelStatistics(pb.ModelStatisticsRequest(name="mnist37"))
-            assert statistics.model_stats[0].inference_stats.fail.count >= 1
+            assert statistics.model_stats[0].inference_stats.fail.count == 2
 
     with caplog.at_level(logging.WARNING, logger="serving.rpc"):
         run(scenario)
@@ -282,8 +286,12 @@ def test_sixteen_concurrent_single_images_form_batches(model_repository, test_di
 
 
 class FakeContext:
-    def __init__(self) -> None:
+    def __init__(self, time_remaining: float | None = None) -> None:
         self.aborted: tuple[grpc.StatusCode, str] | None = None
+        self.remaining = time_remaining
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
 
     async def abort(self, code: grpc.StatusCode, details: str) -> None:
         self.aborted = (code, details)
@@ -297,21 +305,21 @@ class FakeContext:
 
 
 @pytest.mark.parametrize(
-    ("raised", "code"),
+    ("raised", "remaining", "code"),
     [
-        (asyncio.CancelledError(), "CANCELLED"),
-        (DeadlineExpired("deadline passed while queued"), "DEADLINE_EXCEEDED"),
-        (InvalidInput("inputs[0].shape: no"), "INVALID_ARGUMENT"),
-        (ValueError("a bug"), "INTERNAL"),
+        (asyncio.CancelledError(), None, "CANCELLED"),
+        (asyncio.CancelledError(), 5.0, "CANCELLED"),
+        # grpc.aio cancels the handler when the deadline passes: time_remaining() is 0
+        (asyncio.CancelledError(), 0.0, "DEADLINE_EXCEEDED"),
+        (DeadlineExpired("deadline passed while queued"), 5.0, "DEADLINE_EXCEEDED"),
+        (InvalidInput("inputs[0].shape: no"), None, "INVALID_ARGUMENT"),
+        (ValueError("a bug"), None, "INTERNAL"),
     ],
 )
-def test_rpc_edge_maps_every_exception_to_one_counted_code(raised, code):
-    from serving.dataplane import DataPlane
-    from serving.models import ModelRegistry
-
+def test_rpc_edge_maps_every_exception_to_one_counted_code(raised, remaining, code):
     observer = PrometheusObserver()
     dataplane = DataPlane(ModelRegistry(), 10, observer)
-    context = FakeContext()
+    context = FakeContext(remaining)
 
     async def scenario() -> None:
         async with RpcCall(dataplane, "ModelInfer", context, inference=True) as call:
@@ -324,8 +332,77 @@ def test_rpc_edge_maps_every_exception_to_one_counted_code(raised, code):
     labels = {"rpc": "ModelInfer", "model": "_unknown", "version": "", "code": code}
     assert observer.registry.get_sample_value("mnist37_requests_total", labels) == 1
     assert dataplane.in_flight == 0
-    if code != "CANCELLED":
+    if not isinstance(raised, asyncio.CancelledError):
         assert context.aborted is not None and context.aborted[0].name == code
+
+
+@pytest.mark.parametrize(
+    ("accepting", "details"),
+    [(True, "cancelled by the client"), (False, "cancelled while the server was stopping")],
+)
+def test_a_cancellation_is_logged_with_who_cancelled(accepting, details, caplog):
+    dataplane = DataPlane(ModelRegistry(), 10)
+    dataplane.accepting = accepting
+
+    async def scenario() -> None:
+        async with RpcCall(dataplane, "ModelInfer", FakeContext(5.0), inference=True):
+            raise asyncio.CancelledError()
+
+    with (
+        caplog.at_level(logging.WARNING, logger="serving.rpc"),
+        pytest.raises(asyncio.CancelledError),
+    ):
+        run(scenario)
+    assert [record.getMessage() for record in caplog.records] == [
+        f"ModelInfer failed: CANCELLED: {details}"
+    ]
+
+
+def test_a_request_whose_deadline_passes_while_computing_counts_as_deadline_exceeded(
+    model_repository, test_digits
+):
+    async def scenario() -> None:
+        async with running_server(model_repository) as server, stubs(server) as (oip, _):
+            model = server.registry.resolve("mnist37")
+            predict = model.batcher._predict
+
+            def slow_predict(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                time.sleep(0.3)
+                return predict(images)
+
+            model.batcher._predict = slow_predict
+            call = oip.ModelInfer(infer_request(test_digits[0][:1]), timeout=0.05)
+            assert await status_of(call) == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.05)  # the handler's cancellation is recorded
+            labels = {"rpc": "ModelInfer", "model": "mnist37", "version": "2"}
+            assert value(server, "mnist37_requests_total", **labels, code="DEADLINE_EXCEEDED") == 1
+            assert value(server, "mnist37_requests_total", **labels, code="CANCELLED") == 0
+            model.batcher._predict = predict
+
+    run(scenario)
+
+
+def test_an_invalid_request_counts_as_failed_once_for_a_resolved_model(model_repository):
+    registry = ModelRegistry()
+
+    async def scenario() -> None:
+        async with running_server(model_repository) as server:
+            model = server.registry.resolve("mnist37")
+            registry.swap([model])
+            dataplane = DataPlane(registry, 10)
+            before = model.stats.fail.count
+            for inference, resolve in [(True, True), (True, False), (False, True)]:
+                with pytest.raises(grpc.aio.AbortError):
+                    async with RpcCall(
+                        dataplane, "ModelInfer", FakeContext(), inference=inference
+                    ) as call:
+                        if resolve:
+                            call.resolve("mnist37")
+                        raise InvalidInput("inputs[0].name: no")
+            # counted only for the inference RPC that had resolved its model
+            assert model.stats.fail.count - before == 1
+
+    run(scenario)
 
 
 def test_vectorised_probabilities_equal_one_observation_each():

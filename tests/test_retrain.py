@@ -30,7 +30,9 @@ from training.retrain import (
     RetrainError,
     main,
     make_work_dir,
+    parse_args,
     publish_candidate,
+    train_candidate,
 )
 from training.train import load_checkpoint
 
@@ -89,6 +91,27 @@ def first(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Result]
 
 
 # --- the gate ----------------------------------------------------------------------------
+
+
+def test_the_candidate_model_is_written_atomically(tmp_path, monkeypatch) -> None:
+    """A new file renamed into place, never the old one rewritten: a hard link to the old
+    model.onnx (a reader holding it) keeps the old bytes."""
+    for name in [n for n in os.environ if n.startswith("MNIST37_")]:
+        monkeypatch.delenv(name)
+    run_dir = tmp_path / "candidate"
+    run_dir.mkdir()
+    old = tmp_path / "old.onnx"
+    old.write_bytes(b"the previous candidate")
+    os.link(old, run_dir / "model.onnx")
+    args = parse_args(["--repository", str(tmp_path / "repository"), "--no-progress", *WEAK])
+
+    candidate = train_candidate(args, run_dir, "mnist37")
+
+    assert old.read_bytes() == b"the previous candidate"
+    assert candidate.model_path == run_dir / "model.onnx"
+    assert read_metadata(candidate.model_path)["model_name"] == "mnist37"
+    assert candidate.model_path.stat().st_ino != old.stat().st_ino
+    assert [path.name for path in run_dir.iterdir() if path.name.startswith(".")] == []
 
 
 def test_without_a_current_version_only_the_minimum_applies() -> None:

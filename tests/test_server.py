@@ -159,6 +159,12 @@ def test_every_error_kind_then_a_good_request_is_still_served(oip, classifier, t
     assert _code(lambda: oip.ModelInfer(infer_request(images, model="nope")))[0] == not_found
     assert _code(lambda: oip.ModelInfer(infer_request(images, version="9")))[0] == not_found
     assert _code(lambda: oip.ModelInfer(infer_request(images, version="x")))[0] == not_found
+    # Only the repository's version names ([1-9][0-9]*) resolve: no other digits, no "02".
+    for version in ["\u00b2", "\u0662", "02", "+2", " 2"]:
+        code, details = _code(lambda v=version: oip.ModelInfer(infer_request(images, version=v)))
+        assert code == not_found and f"no loaded version {version!r}" in details, details
+        ready = oip.ModelReady(pb.ModelReadyRequest(name="mnist37", version=version))
+        assert not ready.ready
     assert _code(lambda: oip.ModelMetadata(pb.ModelMetadataRequest(name="nope")))[0] == not_found
     assert _code(lambda: oip.ModelConfig(pb.ModelConfigRequest(name="nope")))[0] == not_found
 
@@ -174,6 +180,7 @@ def test_every_error_kind_then_a_good_request_is_still_served(oip, classifier, t
         "raw_input_contents[0]": lambda r: r.raw_input_contents.__setitem__(0, b"abc"),
         "not both": lambda r: r.inputs[0].contents.uint_contents.append(1),
         "outputs[0].name": lambda r: r.outputs.add(name="logit"),
+        "outputs[1].name": lambda r: [r.outputs.add(name="digit") for _ in range(2)],
     }
     for field, mutate in cases.items():
         code, details = broken(mutate)
@@ -194,6 +201,11 @@ def test_every_error_kind_then_a_good_request_is_still_served(oip, classifier, t
     short = classifier_pb2.ClassifyRequest()
     short.images.add(pixels=b"\x00" * 10)
     assert _code(lambda: classifier.Classify(short))[0] == invalid
+    too_many_pixels = classifier_pb2.ClassifyRequest(
+        images=[classifier_pb2.Image(pixels=images[0].tobytes())] * 4097
+    )
+    code, details = _code(lambda: classifier.Classify(too_many_pixels))
+    assert code == invalid and details.startswith("images: 4097 images exceed the limit of 4096")
     unknown = classifier_pb2.ClassifyRequest(model_name="nope")
     assert _code(lambda: classifier.Classify(unknown))[0] == not_found
 
@@ -239,6 +251,44 @@ def test_statistics_count_real_requests(oip, test_digits):
     assert _code(lambda: oip.ModelStatistics(pb.ModelStatisticsRequest(name="nope")))[0] == (
         grpc.StatusCode.NOT_FOUND
     )
+
+
+def test_a_split_request_counts_once_in_the_request_statistics(oip, test_digits):
+    """200 images with --max-batch-size 64 run as chunks of 64, 64, 64 and 8: four
+    executions, but one request in success, queue and compute_*."""
+
+    def stats():
+        reply = oip.ModelStatistics(pb.ModelStatisticsRequest(name="mnist37", version="2"))
+        return reply.model_stats[0]
+
+    before = stats()
+    oip.ModelInfer(infer_request(test_digits[0][:200]))
+    after = stats()
+    requests = {
+        kind: getattr(after.inference_stats, kind).count
+        - getattr(before.inference_stats, kind).count
+        for kind in ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output")
+    }
+    assert requests == {
+        "success": 1,
+        "fail": 0,
+        "queue": 1,
+        "compute_input": 1,
+        "compute_infer": 1,
+        "compute_output": 1,
+    }
+    assert after.execution_count - before.execution_count == 4
+    assert after.inference_count - before.inference_count == 200
+    executions = {batch.batch_size: batch.compute_infer.count for batch in after.batch_stats}
+    executions_before = {b.batch_size: b.compute_infer.count for b in before.batch_stats}
+    added = {size: count - executions_before.get(size, 0) for size, count in executions.items()}
+    assert {size: count for size, count in added.items() if count} == {64: 3, 8: 1}
+    # the one request's compute time is its four executions' time, summed
+    infer_ns = after.inference_stats.compute_infer.ns - before.inference_stats.compute_infer.ns
+    batch_infer_ns = sum(b.compute_infer.ns for b in after.batch_stats) - sum(
+        b.compute_infer.ns for b in before.batch_stats
+    )
+    assert infer_ns == batch_infer_ns > 0
 
 
 def test_health_overall_per_service_and_per_model(channel):
@@ -344,12 +394,18 @@ result = client.infer("mnist37", [tensor], request_id="triton-1",
                       outputs=[triton.InferRequestedOutput("probability"),
                                triton.InferRequestedOutput("digit")])
 only_digit = client.infer("mnist37", [tensor], outputs=[triton.InferRequestedOutput("digit")])
+try:
+    client.infer("mnist37", [tensor], outputs=[triton.InferRequestedOutput("digit", class_count=2)])
+    top_classes = "answered"
+except triton.InferenceServerException as error:
+    top_classes = f"{error.status()} {error.message()}"
 statistics = client.get_inference_statistics("mnist37", as_json=True)
 print(json.dumps({
     "id": result.get_response().id,
     "probability": result.as_numpy("probability").tolist(),
     "digit": result.as_numpy("digit").tolist(),
     "only_digit_outputs": [o.name for o in only_digit.get_response().outputs],
+    "top_classes": top_classes,
     "metadata_inputs": metadata["inputs"],
     "max_batch_size": config["config"]["max_batch_size"],
     "statistics_models": [s["name"] for s in statistics["model_stats"]],
@@ -373,6 +429,9 @@ def test_tritonclient_works_unchanged(server, test_digits, offline, tmp_path):
     assert result["digit"] == digit.tolist()
     np.testing.assert_allclose(result["probability"], probability, rtol=1e-6)
     assert result["only_digit_outputs"] == ["digit"]
+    assert result["top_classes"] == (
+        "StatusCode.INVALID_ARGUMENT outputs[0].parameters: classification is not supported"
+    )
     assert result["metadata_inputs"][0]["datatype"] == "UINT8"
     assert result["max_batch_size"] == 4096
     assert result["statistics_models"] == ["mnist37"]

@@ -1,19 +1,24 @@
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import infer_request
 
 from serving.codecs import decode_infer_request, decode_infer_response, encode_infer_response
+from serving.dataplane import DataPlane
 from serving.errors import InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
+from serving.models import ModelRegistry
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
+AT_MOST_10 = DataPlane(ModelRegistry(), max_request_images=10).check_image_count
 
 
 def test_raw_request_decodes_without_copy_and_typed_request_decodes_equal():
-    raw = decode_infer_request(infer_request(IMAGES), max_images=10)
-    typed = decode_infer_request(infer_request(IMAGES, raw=False), max_images=10)
+    raw = decode_infer_request(infer_request(IMAGES), AT_MOST_10)
+    typed = decode_infer_request(infer_request(IMAGES, raw=False), AT_MOST_10)
     assert raw.raw and not typed.raw
     np.testing.assert_array_equal(raw.images, IMAGES)
     np.testing.assert_array_equal(typed.images, IMAGES)
@@ -32,6 +37,29 @@ def _set_shape(request, shape):
     request.inputs[0].shape.extend(shape)
 
 
+def _request_outputs(*names):
+    def mutate(request):
+        for name in names:
+            request.outputs.add(name=name)
+
+    return mutate
+
+
+def _classification_of(name):
+    """What tritonclient's `InferRequestedOutput(name, class_count=2)` sends."""
+
+    def mutate(request):
+        request.outputs.add(name=name).parameters["classification"].int64_param = 2
+
+    return mutate
+
+
+def _shared_memory_input(request):
+    """What tritonclient's `InferInput.set_shared_memory` sends."""
+    request.inputs[0].parameters["shared_memory_region"].string_param = "region"
+    request.inputs[0].parameters["shared_memory_byte_size"].int64_param = IMAGES.size
+
+
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
@@ -45,30 +73,63 @@ def _set_shape(request, shape):
         (lambda r: r.inputs.add(name="images", datatype="UINT8"), "inputs"),
         (lambda r: r.inputs[0].contents.uint_contents.append(1), "not both"),
         (lambda r: r.outputs.add(name="logit"), "outputs[0].name"),
+        (_request_outputs("digit", "digit"), "outputs[1].name: 'digit' is requested twice"),
+        (
+            _classification_of("probability"),
+            "outputs[0].parameters: classification is not supported",
+        ),
+        (
+            _shared_memory_input,
+            "inputs[0].parameters: shared_memory_byte_size, shared_memory_region are not",
+        ),
     ],
 )
 def test_each_malformed_field_is_named(mutate, field):
-    with pytest.raises(InvalidInput, match=field.replace("[", r"\[").replace("]", r"\]")):
-        decode_infer_request(_with(mutate), max_images=10)
+    with pytest.raises(InvalidInput, match=re.escape(field)):
+        decode_infer_request(_with(mutate), AT_MOST_10)
+
+
+def test_the_image_limit_is_checked_before_any_content_is_decoded():
+    seen: list[tuple[int, str]] = []
+
+    def check(count: int, field: str) -> None:
+        seen.append((count, field))
+        raise InvalidInput("too many")
+
+    request = infer_request(IMAGES)
+    request.raw_input_contents[0] = b"not 2352 bytes"
+    with pytest.raises(InvalidInput, match="too many"):
+        decode_infer_request(request, check)
+    assert seen == [(3, "inputs[0].shape")]
+
+
+def test_request_level_parameters_are_ignored():
+    request = infer_request(IMAGES)
+    request.parameters["priority"].uint64_param = 1
+    request.parameters["timeout"].int64_param = 1000
+    request.outputs.add(name="digit")
+    decoded = decode_infer_request(request, AT_MOST_10)
+    assert decoded.outputs == ("digit",)
+    np.testing.assert_array_equal(decoded.images, IMAGES)
 
 
 def test_typed_contents_errors():
     request = infer_request(IMAGES, raw=False)
     request.inputs[0].contents.uint_contents.append(7)
     with pytest.raises(InvalidInput, match="uint_contents: 2353 elements, expected 2352"):
-        decode_infer_request(request, max_images=10)
+        decode_infer_request(request, AT_MOST_10)
     request = infer_request(IMAGES, raw=False)
     request.inputs[0].contents.uint_contents[5] = 256
     with pytest.raises(InvalidInput, match="above 255"):
-        decode_infer_request(request, max_images=10)
+        decode_infer_request(request, AT_MOST_10)
     request = infer_request(IMAGES, raw=False)
     request.inputs[0].contents.fp32_contents.append(1.0)
     with pytest.raises(InvalidInput, match=r"contents\.fp32_contents"):
-        decode_infer_request(request, max_images=10)
+        decode_infer_request(request, AT_MOST_10)
 
 
 def test_empty_batch_is_valid():
-    decoded = decode_infer_request(infer_request(np.zeros((0, 28, 28), np.uint8)), 10)
+    decoded = decode_infer_request(infer_request(np.zeros((0, 28, 28), np.uint8)), AT_MOST_10)
     assert decoded.images.shape == (0, 28, 28)
 
 

@@ -32,7 +32,7 @@ import onnx
 import onnxruntime
 from torch import nn
 
-from serving.atomic import write_json_atomically
+from serving.atomic import write_bytes_atomically, write_json_atomically
 from serving.repository import (
     DEFAULT_MODEL_NAME,
     ModelVersion,
@@ -354,7 +354,7 @@ def train_candidate(args: argparse.Namespace, run_dir: Path, model_name: str) ->
     exported = export_onnx(model)
     stamped = finalize(exported, candidate_metadata(record, model_name))
     model_path = run_dir / CANDIDATE_MODEL_FILE
-    model_path.write_bytes(stamped)
+    write_bytes_atomically(model_path, stamped)
     return Candidate(run_dir, model, record, exported, model_path)
 
 
