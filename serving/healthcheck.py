@@ -48,6 +48,8 @@ def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_S) -
             code = error.code() if isinstance(error, grpc.Call) else None
             name = code.name if code is not None else type(error).__name__
             details = error.details() if isinstance(error, grpc.Call) else str(error)
+            if code == grpc.StatusCode.NOT_FOUND and not details:
+                details = "the server has no health status for this service name"
             return False, f"{what}: {name}: {details}"
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
     return response.status == health_pb2.HealthCheckResponse.SERVING, f"{what}: {status}"

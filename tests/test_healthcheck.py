@@ -96,7 +96,10 @@ def test_named_service(health_server: HealthServer) -> None:
     assert one_line(result) == f"{health_server.address} service 'mnist37': SERVING"
     unknown = run("--address", health_server.address, "--service", "nope")
     assert unknown.returncode == 1
-    assert one_line(unknown).startswith(f"{health_server.address} service 'nope': NOT_FOUND")
+    assert one_line(unknown) == (
+        f"{health_server.address} service 'nope': NOT_FOUND: "
+        "the server has no health status for this service name"
+    )
 
 
 def test_port_comes_from_mnist37_grpc_port(health_server: HealthServer) -> None:
