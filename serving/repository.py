@@ -108,9 +108,10 @@ def latest_version(repository: Path, name: str) -> ModelVersion | None:
 
 
 @contextmanager
-def _publish_lock(model_dir: Path) -> Iterator[None]:
-    """An exclusive lock on a model directory; the kernel drops it if the holder dies."""
-    with open(model_dir / _LOCK_FILE, "a+") as lock:
+def exclusive_lock(lock_path: Path) -> Iterator[None]:
+    """An exclusive flock on `lock_path` (created if needed); the kernel drops it if the
+    holder dies."""
+    with open(lock_path, "a+") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -137,7 +138,7 @@ def publish(
     validate_model_name(name)
     model_dir = repository / name
     model_dir.mkdir(parents=True, exist_ok=True)
-    with _publish_lock(model_dir):
+    with exclusive_lock(model_dir / _LOCK_FILE):
         for stale in model_dir.glob(_STAGING_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a publisher that died
         version = _highest_version_ever(model_dir) + 1

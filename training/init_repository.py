@@ -18,32 +18,21 @@ unchanged (its MNIST37_* variables apply as usual).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import sys
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from serving.repository import (
     DEFAULT_MODEL_NAME,
     RepositoryError,
+    exclusive_lock,
     list_versions,
     validate_model_name,
 )
 
 LOCK_FILE = ".init.lock"
 _RESERVED = {"--repository", "--model-name", "--out"}
-
-
-@contextmanager
-def _init_lock(repository: Path) -> Iterator[None]:
-    with open(repository / LOCK_FILE, "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def published_versions(repository: Path, model_name: str) -> list[int]:
@@ -55,7 +44,7 @@ def initialise(
 ) -> int:
     """Train and publish the first version of `model_name` unless it has one; exit status."""
     repository.mkdir(parents=True, exist_ok=True)
-    with _init_lock(repository):
+    with exclusive_lock(repository / LOCK_FILE):
         existing = published_versions(repository, model_name)
         if existing:
             listed = ", ".join(str(version) for version in existing)
