@@ -14,7 +14,7 @@ import numpy as np
 
 from serving.errors import InvalidInput, ServerNotReady, ServingError
 from serving.logs import FailureLogLimiter
-from serving.models import LoadedModel, ModelRegistry
+from serving.registry import LoadedModel, ModelRegistry
 from serving.stats import InferenceObserver, NullObserver
 
 _EMPTY_PROBABILITY = np.zeros(0, dtype=np.float32)

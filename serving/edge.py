@@ -22,7 +22,7 @@ from serving.errors import (
     ServerNotReady,
     ServingError,
 )
-from serving.models import LoadedModel
+from serving.registry import LoadedModel
 
 log = logging.getLogger("serving.rpc")
 

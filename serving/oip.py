@@ -24,7 +24,7 @@ from serving.errors import ModelNotFound
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.inference import model_config_pb2 as config_pb
-from serving.models import LoadedModel
+from serving.registry import LoadedModel
 from serving.repository import list_models, list_versions
 from serving.runtime import CUDA_PROVIDER, IMAGE_SIDE, INPUT_NAME, OUTPUT_NAMES
 from serving.stats import Duration

@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from serving.models import LoadedModel, ModelRegistry
+from serving.registry import LoadedModel, ModelRegistry
 from serving.repository import ModelVersion, list_models, list_versions
 from serving.runtime import DeviceUnavailable
 from serving.stats import InferenceObserver

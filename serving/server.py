@@ -34,8 +34,8 @@ from serving.healthcheck import LIVENESS_SERVICE
 from serving.imaging import PngLimits
 from serving.logs import FailureLogLimiter, configure_logging
 from serving.metrics import PrometheusObserver
-from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.oip import InferenceServicer
+from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import ModelVersion
 from serving.runtime import PIXELS, DeviceUnavailable, RuntimeOptions, requested_providers

@@ -1,30 +1,41 @@
 """Shared fixtures: synthetic contract-conforming models, the shipped test digits, and a
-real `mnist37-serve` subprocess on a free loopback port."""
+real `mnist37-serve` subprocess on a free loopback port. Plain helpers live in
+`helpers.py`; `leakcheck.py` fails the session if a process the tests started survives it.
+
+Tests under `tests/integration` are marked `integration` (they start servers, Prometheus
+or other processes); `make test-unit` runs the rest."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from helpers import REPO_ROOT, shipped_digit_files
+from leakcheck import pytest_configure as leakcheck_configure
+from leakcheck import pytest_sessionfinish  # noqa: F401 (a hook: pytest finds it by name)
 
-from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.idx import read_images, read_labels
 from serving.launcher import ServerProcess, start_server
 from serving.synthetic import mean_difference_model, publish_model, random_linear_model
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
+INTEGRATION = REPO_ROOT / "tests" / "integration"
 
 
-def shipped_digit_files() -> tuple[Path, Path]:
-    """The shipped 3s and 7s of MNIST's test set (images, labels)."""
-    data = REPO_ROOT / "training" / "data"
-    return data / "t10k-images-idx3-ubyte.gz", data / "t10k-labels-idx1-ubyte.gz"
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "integration: starts servers or other processes (tests/integration)"
+    )
+    leakcheck_configure(config)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if INTEGRATION in Path(item.fspath).parents:
+            item.add_marker(pytest.mark.integration)
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +61,10 @@ def model_repository(tmp_path_factory, test_digits) -> Path:
 def server(model_repository, tmp_path_factory) -> Iterator[ServerProcess]:
     """One server per test module."""
     running = start_server(model_repository, tmp_path_factory.mktemp("logs"))
-    yield running
-    running.terminate()
+    try:
+        yield running
+    finally:
+        running.terminate()
 
 
 @pytest.fixture
@@ -63,15 +76,3 @@ def channel(server) -> Iterator[grpc.Channel]:
 @pytest.fixture
 def oip(channel) -> oip_grpc.GRPCInferenceServiceStub:
     return oip_grpc.GRPCInferenceServiceStub(channel)
-
-
-def infer_request(
-    images: np.ndarray, model: str = "mnist37", version: str = "", raw: bool = True
-) -> oip_pb.ModelInferRequest:
-    request = oip_pb.ModelInferRequest(model_name=model, model_version=version)
-    tensor = request.inputs.add(name="images", datatype="UINT8", shape=images.shape)
-    if raw:
-        request.raw_input_contents.append(images.tobytes())
-    else:
-        tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
-    return request

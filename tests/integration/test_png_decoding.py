@@ -4,7 +4,6 @@ headers, before decoding), decoding threads, and work left once a request is aba
 from __future__ import annotations
 
 import asyncio
-import io
 import threading
 import time
 from collections.abc import Iterator
@@ -13,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
+from helpers import FakeContext, png
 from PIL import Image
 
 from serving import classifier
@@ -22,13 +22,7 @@ from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
 from serving.imaging import PngLimits
 from serving.launcher import ServerProcess, start_server
-from serving.models import ModelRegistry
-
-
-def png(array: np.ndarray, mode: str = "L") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).convert(mode).save(buffer, format="PNG")
-    return buffer.getvalue()
+from serving.registry import ModelRegistry
 
 
 def blank(width: int, height: int) -> bytes:
@@ -39,16 +33,6 @@ def stroke() -> bytes:
     image = np.zeros((40, 40), np.uint8)
     image[5:35, 18:22] = 255
     return png(image)
-
-
-class Context:
-    """The little of `grpc.aio.ServicerContext` that decoding uses."""
-
-    def __init__(self, remaining: float | None = None) -> None:
-        self.remaining = remaining
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
 
 
 class SlowDecodes:
@@ -110,7 +94,7 @@ def test_decoding_stops_between_images_when_asked():
 
 def test_decoding_stops_at_the_deadline(slow):
     async def scenario() -> None:
-        await servicer()._decode(pngs(100), Context(remaining=0.3))
+        await servicer()._decode(pngs(100), FakeContext(0.3))
 
     started = time.monotonic()
     with pytest.raises(DeadlineExpired):
@@ -121,7 +105,7 @@ def test_decoding_stops_at_the_deadline(slow):
 
 def test_a_cancelled_request_stops_decoding(slow):
     async def scenario() -> tuple[int, int]:
-        task = asyncio.create_task(servicer()._decode(pngs(100), Context()))
+        task = asyncio.create_task(servicer()._decode(pngs(100), FakeContext()))
         while slow.calls < 2:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -138,7 +122,7 @@ def test_a_cancelled_request_stops_decoding(slow):
 def test_concurrent_requests_share_the_decoding_threads(slow):
     async def scenario() -> list[np.ndarray]:
         shared = servicer(threads=2)
-        return await asyncio.gather(*(shared._decode(pngs(3), Context()) for _ in range(6)))
+        return await asyncio.gather(*(shared._decode(pngs(3), FakeContext()) for _ in range(6)))
 
     results = asyncio.run(scenario())
     assert [result.shape for result in results] == [(3, 28, 28)] * 6

@@ -4,13 +4,13 @@ import re
 
 import numpy as np
 import pytest
-from conftest import infer_request
+from helpers import infer_request
 
 from serving.codecs import decode_infer_request, decode_infer_response, encode_infer_response
 from serving.dataplane import DataPlane
 from serving.errors import InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
-from serving.models import ModelRegistry
+from serving.registry import ModelRegistry
 
 IMAGES = np.random.default_rng(0).integers(0, 256, (3, 28, 28), dtype=np.uint8)
 AT_MOST_10 = DataPlane(ModelRegistry(), max_request_images=10).check_image_count

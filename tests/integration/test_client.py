@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, shipped_digit_files
+from helpers import REPO_ROOT, shipped_digit_files
 from PIL import Image
 
 from serving.client import Mnist37Client, main

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from helpers import run
 
 from serving.batcher import DynamicBatcher
 from serving.errors import DeadlineExpired
@@ -44,10 +45,6 @@ def tagged(first_id: int, count: int) -> np.ndarray:
 def executor():
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="worker") as pool:
         yield pool
-
-
-def run(coroutine):
-    return asyncio.run(coroutine)
 
 
 def test_concurrent_callers_share_batches_and_each_gets_its_own_rows_in_order(executor):

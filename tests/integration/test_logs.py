@@ -12,7 +12,7 @@ import time
 
 import grpc
 import pytest
-from conftest import infer_request
+from helpers import infer_request
 
 from serving.config import load_config
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc

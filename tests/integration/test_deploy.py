@@ -44,11 +44,12 @@ from compose_helpers import (
     plain_environment,
     seconds,
 )
+from helpers import REPO_ROOT
 
 from serving.config import ServerConfig, build_parser, env_var, load_config
 from serving.healthcheck import LIVENESS_SERVICE
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 COMPOSE_GPU = ROOT / "docker-compose.gpu.yml"

@@ -6,7 +6,7 @@ import subprocess
 
 import grpc
 import numpy as np
-from conftest import infer_request
+from helpers import infer_request
 
 from serving.bench import perf_analyzer_command
 from serving.generated.inference import grpc_service_pb2 as pb

@@ -13,9 +13,9 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import REPO_ROOT, infer_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from helpers import REPO_ROOT, infer_request
 from PIL import Image
 
 from serving.codecs import decode_infer_response

@@ -8,8 +8,8 @@ import json
 import subprocess
 import sys
 
-from conftest import REPO_ROOT
 from google.protobuf.descriptor import FieldDescriptor
+from helpers import REPO_ROOT
 
 from protos.generate import generate
 from serving.generated.inference import grpc_service_pb2, model_config_pb2

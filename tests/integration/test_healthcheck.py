@@ -12,15 +12,15 @@ import time
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from helpers import REPO_ROOT
 
 from serving import healthcheck
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO_ROOT
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -8,7 +8,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import REPO_ROOT
+from helpers import REPO_ROOT, png
 from PIL import Image
 
 from serving.errors import InvalidInput
@@ -21,12 +21,6 @@ from serving.imaging import (
 )
 from serving.runtime import ModelRuntime
 from serving.synthetic import mean_difference_model
-
-
-def png(array: np.ndarray, mode: str = "L") -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).convert(mode).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def as_photo(digit: np.ndarray, scale: int = 5, mode: str = "RGB") -> bytes:

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import infer_request
+from helpers import FakeContext, infer_request
 from prometheus_client import CollectorRegistry, Histogram
 
 from serving.config import ServerConfig
@@ -31,7 +31,7 @@ from serving.metrics import (
     VECTORISE_FROM,
     PrometheusObserver,
 )
-from serving.models import ModelRegistry
+from serving.registry import ModelRegistry
 from serving.repository import latest_version
 from serving.runtime import ModelRuntime
 from serving.server import InferenceServer
@@ -283,25 +283,6 @@ def test_sixteen_concurrent_single_images_form_batches(model_repository, test_di
             assert triton_queue.ns / 1e9 == pytest.approx(waited, rel=1e-6)
 
     run(scenario)
-
-
-class FakeContext:
-    def __init__(self, time_remaining: float | None = None) -> None:
-        self.aborted: tuple[grpc.StatusCode, str] | None = None
-        self.remaining = time_remaining
-
-    def time_remaining(self) -> float | None:
-        return self.remaining
-
-    async def abort(self, code: grpc.StatusCode, details: str) -> None:
-        self.aborted = (code, details)
-        raise grpc.aio.AbortError()
-
-    def code(self) -> grpc.StatusCode | None:
-        return self.aborted[0] if self.aborted else None
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
 
 
 @pytest.mark.parametrize(

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import REPO_ROOT, infer_request
+from helpers import REPO_ROOT, infer_request
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -125,7 +125,11 @@ def scraped(model_repository, test_digits, tmp_path_factory) -> Iterator[tuple[P
     tmp_path = tmp_path_factory.mktemp("prometheus")
     metrics_port = free_port()
     server = start_server(model_repository, tmp_path, "--metrics-port", str(metrics_port))
-    prometheus = Prometheus(scrape_config_for(metrics_port, tmp_path), tmp_path)
+    try:
+        prometheus = Prometheus(scrape_config_for(metrics_port, tmp_path), tmp_path)
+    except BaseException:
+        server.terminate()  # Prometheus did not start: the server must not outlive the test
+        raise
     try:
         with grpc.insecure_channel(server.target) as channel:
             oip = pb_grpc.GRPCInferenceServiceStub(channel)

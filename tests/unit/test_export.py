@@ -13,6 +13,7 @@ import onnx
 import onnxruntime
 import pytest
 import torch
+from helpers import REPO_ROOT
 
 from serving.repository import CARD_FILE, MODEL_FILE, list_versions
 from training.data import load_dataset
@@ -39,7 +40,6 @@ from training.parity import (
 from training.publish import PublishError, TrainingRecord, publish_model, publish_run
 from training.train import save_checkpoint
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 CREATED_AT = "2025-01-02T03:04:05+00:00"
 
 

@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import infer_request
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from helpers import FakeContext, infer_request, run
 from PIL import Image
 
 from serving import classifier
@@ -35,7 +35,7 @@ from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.mnist37.v1 import classifier_pb2
 from serving.launcher import free_port, start_server
-from serving.models import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
+from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import MODEL_FILE, ModelVersion
 from serving.runtime import RuntimeOptions
@@ -121,10 +121,6 @@ def make_harness(tmp_path, executor) -> Callable[..., Harness]:
         return Harness(repository, registry, observer, reloader, loads)
 
     return make
-
-
-def run(coroutine):
-    return asyncio.run(coroutine)
 
 
 async def settle() -> None:
@@ -227,16 +223,6 @@ def test_model_config_reports_keep_versions_as_the_version_policy(model_reposito
     assert list(metadata.versions) == ["1", "2"]
 
 
-class IdleContext:
-    """The little of `grpc.aio.ServicerContext` a successful RPC touches."""
-
-    def time_remaining(self) -> float | None:
-        return None
-
-    def peer(self) -> str:
-        return "ipv4:127.0.0.1:1"
-
-
 def test_classify_never_uses_a_version_retired_while_its_pngs_decode(
     make_harness, test_digits, monkeypatch
 ):
@@ -260,7 +246,7 @@ def test_classify_never_uses_a_version_retired_while_its_pngs_decode(
         await harness.reloader.reload()
         first = harness.registry.resolve(MODEL)
         servicer = classifier.ClassifierServicer(DataPlane(harness.registry, 64))
-        answer = asyncio.create_task(servicer.Classify(request, IdleContext()))
+        answer = asyncio.create_task(servicer.Classify(request, FakeContext()))
         assert await asyncio.to_thread(decoding.wait, 10)
         harness.publish(random_linear_model(seed=2))
         await harness.reloader.reload()  # version 1 is idle: it retires at once

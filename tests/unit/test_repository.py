@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import REPO_ROOT
 
 from serving.atomic import write_json_atomically
 from serving.repository import (
@@ -27,8 +28,6 @@ from serving.repository import (
     publish,
 )
 from serving.repository_cli import main as models_main
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def write_fake_version(staging: Path, version: int, content: bytes = b"onnx bytes") -> None:
