@@ -5,6 +5,7 @@
 #   docker-compose        validates docker-compose.yml without a Docker engine
 #   libb64.so.0d          perf_analyzer (bundled with tritonclient 2.51) links it
 #   curl                  the README's "use it" commands
+#   openssl               makes the certificates of the TLS tests
 # As root it runs apt-get; otherwise sudo (without a password prompt, unless a terminal can
 # ask); otherwise it says what to install and fails.
 set -euo pipefail
@@ -15,6 +16,7 @@ need_command prometheus prometheus
 need_command promtool prometheus
 need_command docker-compose docker-compose
 need_command curl curl
+need_command openssl openssl
 if ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
     missing+=(libb64-0d)
 fi

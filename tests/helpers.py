@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import subprocess
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,6 +45,88 @@ def png(array: np.ndarray, mode: str = "L") -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).convert(mode).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def _openssl(*arguments: str | Path) -> None:
+    subprocess.run(["openssl", *map(str, arguments)], check=True, capture_output=True, timeout=60)
+
+
+def _signed(directory: Path, name: str, ca: Path, ca_key: Path, extensions: str) -> None:
+    """`name.pem` and `name.key` in `directory`: an EC key and a certificate `ca` signs."""
+    key, request = directory / f"{name}.key", directory / f"{name}.csr"
+    _openssl(
+        "req",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        key,
+        "-out",
+        request,
+        "-subj",
+        f"/CN={name}",
+    )
+    (directory / f"{name}.ext").write_text(extensions + "\n")
+    _openssl(
+        "x509",
+        "-req",
+        "-in",
+        request,
+        "-CA",
+        ca,
+        "-CAkey",
+        ca_key,
+        "-CAcreateserial",
+        "-out",
+        directory / f"{name}.pem",
+        "-days",
+        "2",
+        "-extfile",
+        directory / f"{name}.ext",
+    )
+
+
+def make_certificates(directory: Path) -> Path:
+    """Test certificates made now with openssl: two CAs (`ca`, `other-ca`), a server
+    certificate for 127.0.0.1/localhost and a client certificate signed by `ca`, and a
+    client certificate signed by `other-ca`. Returns `directory`."""
+    for ca in ("ca", "other-ca"):
+        _openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            directory / f"{ca}.key",
+            "-out",
+            directory / f"{ca}.pem",
+            "-days",
+            "2",
+            "-subj",
+            f"/CN={ca}",
+        )
+    ca, ca_key = directory / "ca.pem", directory / "ca.key"
+    _signed(
+        directory,
+        "server",
+        ca,
+        ca_key,
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth",
+    )
+    _signed(directory, "client", ca, ca_key, "extendedKeyUsage=clientAuth")
+    _signed(
+        directory,
+        "stranger",
+        directory / "other-ca.pem",
+        directory / "other-ca.key",
+        "extendedKeyUsage=clientAuth",
+    )
+    return directory
 
 
 def run(coroutine: Coroutine[Any, Any, T]) -> T:
