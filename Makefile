@@ -26,7 +26,7 @@ test: system $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest
 
 # The inner loop: the tests that start no server or other process (under a minute).
-test-unit: $(STAMP)
+test-unit: system $(STAMP)
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m pytest -m "not integration" tests/unit
 
 lint: $(STAMP)
