@@ -11,6 +11,10 @@ their own; in the Triton statistics it still counts as one request, with its chu
 durations summed. A request that is cancelled, or whose deadline passes, while queued is
 dropped before its batch is built. Each caller gets exactly its own rows, in order.
 
+The queue is bounded in images and in requests (admission control): a request that would
+take it past either bound is refused at once with `Overloaded`, whole, before any of it
+queues, so a burst costs bounded memory and the requests admitted keep a bounded wait.
+
 After each successful call, `on_batch` gets the batch's image count, the queue wait of every
 queued item in it (a request, or one chunk of a split request) and the call's duration.
 """
@@ -27,7 +31,7 @@ from functools import partial
 
 import numpy as np
 
-from serving.errors import DeadlineExpired
+from serving.errors import DeadlineExpired, Overloaded
 from serving.stats import InferenceStats, SplitRequestDurations
 
 Prediction = tuple[np.ndarray, np.ndarray]
@@ -53,11 +57,16 @@ class DynamicBatcher:
         *,
         max_batch_size: int,
         max_queue_delay_s: float = 0.0,
+        max_queued_images: int | None = None,
+        max_queued_requests: int | None = None,
         stats: InferenceStats | None = None,
         on_batch: BatchListener | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        # None: unbounded (tests, benchmarks of the batcher alone); the server sets both.
+        self.max_queued_images = max_queued_images
+        self.max_queued_requests = max_queued_requests
         self._predict = predict
         self._executor = executor
         self.max_batch_size = max_batch_size
@@ -77,6 +86,7 @@ class DynamicBatcher:
         """(probability, digit) for `images` (uint8 [N, 28, 28]). `deadline` is in
         `loop.time()` terms; None for no deadline."""
         count = len(images)
+        self._admit(count, -(-count // self.max_batch_size))
         if count <= self.max_batch_size:
             return await self._put(images, deadline)
         durations = SplitRequestDurations()
@@ -94,6 +104,23 @@ class DynamicBatcher:
             np.concatenate([probability for probability, _ in parts]),
             np.concatenate([digit for _, digit in parts]),
         )
+
+    def _admit(self, images: int, items: int) -> None:
+        """Refuse a request of `images` images (`items` queue entries once split) that
+        would take the queue past its bounds. An empty queue takes any request, so one
+        larger than the image bound still runs when it is alone."""
+        if not self._queue:
+            return
+        limit_images, limit_items = self.max_queued_images, self.max_queued_requests
+        too_many_images = limit_images is not None and self._queued_images + images > limit_images
+        too_many_items = limit_items is not None and len(self._queue) + items > limit_items
+        if too_many_images or too_many_items:
+            raise Overloaded(
+                f"the model's queue is full ({self._queued_images} images in "
+                f"{len(self._queue)} requests waiting; at most {limit_images} images and "
+                f"{limit_items} requests, --max-queued-images/--max-queued-requests): "
+                "retry later"
+            )
 
     def _put(
         self,

@@ -19,6 +19,7 @@ from serving.errors import (
     DeadlineExpired,
     InvalidInput,
     ModelNotFound,
+    Overloaded,
     ServerNotReady,
     ServingError,
 )
@@ -34,6 +35,7 @@ _STATUS = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     ServerNotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 _CLIENT_SIDE = {
@@ -42,6 +44,7 @@ _CLIENT_SIDE = {
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 

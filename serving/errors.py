@@ -31,3 +31,9 @@ class DeadlineExpired(ServingError):
     """The request's deadline passed while it waited in the queue."""
 
     kind = "deadline_exceeded"
+
+
+class Overloaded(ServingError):
+    """A bounded resource (a model's queue, the decoding threads) is full: retry later."""
+
+    kind = "resource_exhausted"

@@ -11,7 +11,7 @@ import pytest
 from helpers import run
 
 from serving.batcher import DynamicBatcher
-from serving.errors import DeadlineExpired
+from serving.errors import DeadlineExpired, Overloaded
 
 
 class RecordingModel:
@@ -255,3 +255,36 @@ def test_a_split_request_that_fails_is_not_counted(executor):
     stats = run(scenario())
     assert stats.queue.count == stats.compute_infer.count == 0
     assert stats.execution_count >= 1, "the first chunk ran and is counted as an execution"
+
+
+def test_a_full_queue_refuses_at_once_and_admits_again_once_it_drains(executor):
+    model = RecordingModel()
+    model.gate = threading.Event()
+
+    async def scenario():
+        batcher = DynamicBatcher(
+            model, executor, max_batch_size=4, max_queued_images=6, max_queued_requests=3
+        )
+        running = asyncio.ensure_future(batcher.infer(tagged(0, 4)))
+        await asyncio.sleep(0.01)  # the first batch runs (held by the gate): not queued
+        queued = [asyncio.ensure_future(batcher.infer(tagged(10, 3)))]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="3 images in 1 requests waiting"):
+            await batcher.infer(tagged(20, 4))  # 3 + 4 images > 6
+        queued.append(asyncio.ensure_future(batcher.infer(tagged(30, 2))))
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded, match="at most 6 images and 3 requests"):
+            await batcher.infer(tagged(40, 5))  # split into 2 chunks: 2 + 2 > 3 requests
+        queued.append(asyncio.ensure_future(batcher.infer(tagged(50, 1))))
+        await asyncio.sleep(0)
+        assert batcher.queued_images == 6
+        with pytest.raises(Overloaded):
+            await batcher.infer(tagged(60, 1))  # 3 requests waiting already
+        model.gate.set()
+        answers = await asyncio.gather(running, *queued)
+        alone = await batcher.infer(tagged(70, 9))  # an empty queue takes even 9 > 6 images
+        return answers, alone
+
+    answers, alone = run(scenario())
+    assert [digit.tolist() for _, digit in answers] == [[0, 1, 2, 3], [10, 11, 12], [30, 31], [50]]
+    assert alone[1].tolist() == list(range(70, 79))
