@@ -2,6 +2,17 @@
 
 from __future__ import annotations
 
+# How much of a client's string (a model name, a tensor name, ...) a message or log repeats:
+# enough to recognise it, never enough to make an answer or a log line grow with the input.
+MAX_ECHOED_CHARACTERS = 100
+
+
+def shown(text: str, limit: int = MAX_ECHOED_CHARACTERS) -> str:
+    """`text` quoted for a message, cut to `limit` characters with its full length noted."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
 
 class ServingError(Exception):
     """Base class; the message names the offending field where there is one."""

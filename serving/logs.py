@@ -21,6 +21,25 @@ from typing import TextIO
 from serving.config import LOG_FORMATS
 
 REQUEST_FIELDS = ("rpc", "model", "version", "code", "peer", "suppressed")
+# Bounds on one log line, whatever a client sent: a message, each request field and a
+# traceback are cut to these many characters (a log collector's line limit is typically
+# 16 KiB), so no request can make the log grow faster than the failure-line rate allows.
+MAX_MESSAGE_CHARACTERS = 2000
+MAX_FIELD_CHARACTERS = 200
+MAX_EXCEPTION_CHARACTERS = 8000
+
+
+def bounded(text: str, limit: int) -> str:
+    """`text`, cut to `limit` characters with a note of how much was left out."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... [{len(text) - limit} more characters]"
+
+
+def _field(value: object) -> object:
+    return bounded(value, MAX_FIELD_CHARACTERS) if isinstance(value, str) else value
+
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -30,14 +49,16 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": bounded(record.getMessage(), MAX_MESSAGE_CHARACTERS),
         }
         for name in REQUEST_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
-                entry[name] = value
+                entry[name] = _field(value)
         if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
+            entry["exception"] = bounded(
+                self.formatException(record.exc_info), MAX_EXCEPTION_CHARACTERS
+            )
         return json.dumps(entry, ensure_ascii=False, default=str)
 
 
@@ -48,9 +69,9 @@ class TextFormatter(logging.Formatter):
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = bounded(super().format(record), MAX_MESSAGE_CHARACTERS + MAX_EXCEPTION_CHARACTERS)
         fields = [
-            f"{name}={getattr(record, name)!r}"
+            f"{name}={_field(getattr(record, name))!r}"
             for name in REQUEST_FIELDS
             if getattr(record, name, None) is not None
         ]

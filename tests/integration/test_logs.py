@@ -203,3 +203,21 @@ def test_log_failures_per_second_flag_and_variable():
     assert load_config(["--log-failures-per-second", "3"], variable).log_failures_per_second == 3
     with pytest.raises(SystemExit):
         load_config(["--log-failures-per-second", "-1"])
+
+
+def test_a_huge_message_field_or_traceback_is_cut_to_a_bounded_line():
+    huge = "x" * 1_000_000
+    try:
+        raise ValueError(huge)
+    except ValueError:
+        exc_info = sys.exc_info()
+    made = record(f"ModelInfer failed: {huge}", model=huge, peer=huge, rpc="ModelInfer")
+    made.exc_info = exc_info
+    json_line = JsonFormatter().format(made)
+    text_line = TextFormatter().format(made)
+    for line in (json_line, text_line):
+        assert len(line) < 12_000
+        assert "more characters]" in line
+    entry = json.loads(json_line)  # cut field by field: still one valid JSON object
+    assert entry["model"].startswith("xxx") and len(entry["model"]) < 250
+    assert entry["rpc"] == "ModelInfer"
