@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end on the shipped data: train both models, export and publish them,
-# start the server, classify the shipped test set (and a few PNGs) over gRPC, stop the server.
+# start the server, classify the example PNGs and the shipped test set over gRPC, stop the server.
 # Run through `make demo`, which puts .venv/bin first on PATH.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -31,30 +31,13 @@ done
 python -m serving.healthcheck --address "127.0.0.1:$grpc_port"
 
 step "5/5 classify real digits over gRPC"
-pngs=$(mktemp -d)
-python - "$data" "$pngs" <<'PY'
-import sys
-from pathlib import Path
-
-from PIL import Image
-
-from serving.idx import read_images, read_labels
-
-data, out = Path(sys.argv[1]), Path(sys.argv[2])
-images = read_images(data / "t10k-images-idx3-ubyte.gz")
-labels = read_labels(data / "t10k-labels-idx1-ubyte.gz")
-for index in (0, 1, 2, 3):
-    png = out / f"test{index}-really-a-{labels[index]}.png"
-    Image.fromarray(255 - images[index]).resize((112, 112)).save(png)  # dark ink on white
-PY
-mnist37-client --server "127.0.0.1:$grpc_port" classify "$pngs"/*.png
+mnist37-client --server "127.0.0.1:$grpc_port" classify examples/*.png   # see examples/README.md
 echo "-- the shipped test set (2,038 real 3s and 7s), 256 images a request:"
 mnist37-client --server "127.0.0.1:$grpc_port" classify \
     --check "$data/t10k-images-idx3-ubyte.gz" --labels "$data/t10k-labels-idx1-ubyte.gz"
 echo "-- the same, one image a request (latency of a single classification):"
 mnist37-client --server "127.0.0.1:$grpc_port" classify --batch-size 1 \
     --check "$data/t10k-images-idx3-ubyte.gz" --labels "$data/t10k-labels-idx1-ubyte.gz"
-rm -rf "$pngs"
 
 kill -TERM $server
 wait $server
