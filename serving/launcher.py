@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,13 +51,20 @@ class ServerProcess:
 
 
 def start_server(
-    repository: Path, log_dir: Path, *extra: str, wait: bool = True, timeout: float = 60.0
+    repository: Path,
+    log_dir: Path,
+    *extra: str,
+    wait: bool = True,
+    timeout: float = 60.0,
+    prefix: Sequence[str] = (),
 ) -> ServerProcess:
     """Run `python -m serving.server` on a free port, its output in `log_dir`; with `wait`,
-    return once ServerReady is true."""
+    return once ServerReady is true. `prefix` runs the server through another command
+    (one that puts it into a memory-limited cgroup, say) that ends by exec-ing it."""
     port = free_port()
     log_path = log_dir / f"server-{port}.log"
     command = [
+        *prefix,
         sys.executable,
         "-m",
         "serving.server",

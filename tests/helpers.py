@@ -4,8 +4,10 @@ PNG makers, an event-loop runner and a stand-in for grpc.aio's servicer context.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import subprocess
+import time
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -153,3 +155,63 @@ class FakeContext:
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
+
+
+class MemoryCgroup:
+    """A memory cgroup (v2, or v1's memory controller) that limits what runs in it to
+    `limit` bytes, like a container's memory limit: past it the kernel reclaims, then kills
+    (OOM). `prefix` is the command prefix that starts a process inside it. None of this
+    exists without root or a writable cgroup tree: `MemoryCgroup.create` returns None then.
+    """
+
+    def __init__(self, directory: Path, version: int) -> None:
+        self.directory, self.version = directory, version
+
+    @classmethod
+    def create(cls, name: str, limit: int) -> MemoryCgroup | None:
+        unified = Path("/sys/fs/cgroup")
+        candidates = []
+        controllers = unified / "cgroup.controllers"
+        if controllers.exists() and "memory" in controllers.read_text().split():
+            candidates.append((unified / name, 2, "memory.max"))
+        candidates.append((unified / "memory" / name, 1, "memory.limit_in_bytes"))
+        for directory, version, limit_file in candidates:
+            try:
+                directory.mkdir(exist_ok=True)
+                (directory / limit_file).write_text(str(limit))
+            except OSError:
+                continue
+            if version == 1:
+                with contextlib.suppress(OSError):  # no swap accounting: fine
+                    (directory / "memory.memsw.limit_in_bytes").write_text(str(limit))
+            return cls(directory, version)
+        return None
+
+    @property
+    def prefix(self) -> list[str]:
+        script = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+        return ["/bin/sh", "-c", script, str(self.directory)]
+
+    def oom_kills(self) -> int:
+        if self.version == 2:
+            events = (self.directory / "memory.events").read_text().split()
+        else:
+            events = (self.directory / "memory.oom_control").read_text().split()
+        pairs = dict(zip(events[::2], events[1::2], strict=False))
+        return int(pairs.get("oom_kill", 0))
+
+    def remove(self) -> None:
+        for _ in range(50):  # its processes may take a moment to leave
+            try:
+                self.directory.rmdir()
+                return
+            except OSError:
+                time.sleep(0.1)
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most resident memory process `pid` has used so far (VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise LookupError(f"no VmHWM for pid {pid}")
