@@ -10,6 +10,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
+from serving.contract import IMAGE_SIDE
 from serving.dataplane import DataPlane, InferenceResult
 from serving.edge import RpcCall, deadline_of
 from serving.errors import DeadlineExpired, InvalidInput
@@ -23,7 +24,6 @@ from serving.imaging import (
     png_to_image,
 )
 from serving.repository import DEFAULT_MODEL_NAME
-from serving.runtime import IMAGE_SIDE
 
 
 def _never() -> bool:

@@ -12,12 +12,8 @@ import asyncio
 from importlib import metadata
 from pathlib import Path
 
-from serving.codecs import (
-    INPUT_DATATYPE,
-    OUTPUT_DATATYPES,
-    decode_infer_request,
-    encode_infer_response,
-)
+from serving.codecs import decode_infer_request, encode_infer_response
+from serving.contract import IMAGES, OUTPUTS
 from serving.dataplane import DataPlane
 from serving.edge import RpcCall, deadline_of
 from serving.errors import ModelNotFound
@@ -25,8 +21,8 @@ from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.inference import model_config_pb2 as config_pb
 from serving.registry import LoadedModel
-from serving.repository import list_models, list_versions
-from serving.runtime import CUDA_PROVIDER, IMAGE_SIDE, INPUT_NAME, OUTPUT_NAMES
+from serving.repository import MODEL_FILE, list_models, list_versions
+from serving.runtime import CUDA_PROVIDER
 from serving.stats import Duration
 
 SERVER_NAME = "mnist37"
@@ -100,12 +96,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name,
             versions=[loaded.version_label for loaded in self.registry.versions(model.name)],
             platform=PLATFORM,
-            inputs=[
-                tensor(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[-1, IMAGE_SIDE, IMAGE_SIDE])
-            ],
+            inputs=[tensor(name=IMAGES.name, datatype=IMAGES.datatype, shape=IMAGES.shape)],
             outputs=[
-                tensor(name=name, datatype=OUTPUT_DATATYPES[name], shape=[-1])
-                for name in OUTPUT_NAMES
+                tensor(name=output.name, datatype=output.datatype, shape=output.shape)
+                for output in OUTPUTS
             ],
         )
 
@@ -127,27 +121,29 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return pb.ModelConfigResponse(config=self._model_config(model))
 
     def _model_config(self, model: LoadedModel) -> config_pb.ModelConfig:
-        image_dims = [IMAGE_SIDE, IMAGE_SIDE]
         on_gpu = model.provider == CUDA_PROVIDER
         config = config_pb.ModelConfig(
             name=model.name,
             platform=PLATFORM,
             backend="onnxruntime",
             max_batch_size=self.dataplane.max_request_images,
+            # Triton's dims leave out the batch dimension.
             input=[
                 config_pb.ModelInput(
-                    name=INPUT_NAME, data_type=_CONFIG_TYPES[INPUT_DATATYPE], dims=image_dims
+                    name=IMAGES.name,
+                    data_type=_CONFIG_TYPES[IMAGES.datatype],
+                    dims=IMAGES.shape[1:],
                 )
             ],
             output=[
                 # Triton's way of declaring a per-image scalar: dims [1], reshaped to [].
                 config_pb.ModelOutput(
-                    name=name,
-                    data_type=_CONFIG_TYPES[OUTPUT_DATATYPES[name]],
+                    name=output.name,
+                    data_type=_CONFIG_TYPES[output.datatype],
                     dims=[1],
                     reshape=config_pb.ModelTensorReshape(shape=[]),
                 )
-                for name in OUTPUT_NAMES
+                for output in OUTPUTS
             ],
             instance_group=[
                 config_pb.ModelInstanceGroup(
@@ -158,7 +154,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     else config_pb.ModelInstanceGroup.KIND_CPU,
                 )
             ],
-            default_model_filename="model.onnx",
+            default_model_filename=MODEL_FILE,
             parameters={
                 "execution_provider": config_pb.ModelParameter(string_value=model.provider),
                 "max_batch_size_per_execution": config_pb.ModelParameter(

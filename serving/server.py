@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from serving.batcher import BatchListener
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig, load_config
+from serving.contract import PIXELS
 from serving.dataplane import DataPlane
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
@@ -38,7 +39,7 @@ from serving.oip import InferenceServicer
 from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import ModelVersion
-from serving.runtime import PIXELS, DeviceUnavailable, RuntimeOptions, requested_providers
+from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_providers
 
 log = logging.getLogger("serving")
 

@@ -20,6 +20,7 @@ import onnxruntime
 from torch import nn
 
 from serving.atomic import write_json_atomically
+from serving.contract import BATCH_DIMENSION, IMAGES, OUTPUTS
 from serving.repository import (
     CARD_FILE,
     DEFAULT_MODEL_NAME,
@@ -28,11 +29,7 @@ from serving.repository import (
     publish,
 )
 from training.export import (
-    BATCH_DIMENSION,
-    DIGIT_OUTPUT,
-    INPUT_NAME,
     OPSET_VERSION,
-    PROBABILITY_OUTPUT,
     ModelMetadata,
     ServingModel,
     export_onnx,
@@ -189,11 +186,8 @@ def model_card(
         },
         "onnx": {
             "opset": OPSET_VERSION,
-            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 28, 28]}],
-            "outputs": [
-                {"name": PROBABILITY_OUTPUT, "datatype": "FP32", "shape": [-1]},
-                {"name": DIGIT_OUTPUT, "datatype": "INT64", "shape": [-1]},
-            ],
+            "inputs": [IMAGES.as_json()],
+            "outputs": [output.as_json() for output in OUTPUTS],
             "batch_dimension": BATCH_DIMENSION,
             "metadata": metadata.as_properties(),
         },

@@ -15,10 +15,10 @@ import pytest
 import torch
 from helpers import REPO_ROOT
 
+from serving.contract import BATCH_DIMENSION
 from serving.repository import CARD_FILE, MODEL_FILE, list_versions
 from training.data import load_dataset
 from training.export import (
-    BATCH_DIMENSION,
     OPSET_VERSION,
     ExportError,
     ModelMetadata,
