@@ -7,7 +7,6 @@ Add -> Sigmoid, and `digit` = Where(probability >= 0.5, 7, 3). Needs the `onnx` 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,15 @@ from serving.contract import (
     POSITIVE_DIGIT,
     PROBABILITY,
 )
-from serving.repository import CARD_FILE, MODEL_FILE, ModelVersion, publish
+from serving.repository import (
+    CARD_FILE,
+    MODEL_FILE,
+    Architecture,
+    ModelCard,
+    ModelFileRecord,
+    ModelVersion,
+    publish,
+)
 
 
 def linear_model_bytes(weights: np.ndarray, bias: float) -> bytes:
@@ -85,14 +92,19 @@ def mean_difference_model(images: np.ndarray, labels: np.ndarray) -> bytes:
     return linear_model_bytes(weights, bias)
 
 
-def publish_model(
-    repository: Path, name: str, model: bytes, card: dict | None = None
-) -> ModelVersion:
-    """Publish `model` as the next version of `name` in `repository`."""
+def publish_model(repository: Path, name: str, model: bytes) -> ModelVersion:
+    """Publish `model` (a linear model from this module) as the next version of `name` in
+    `repository`, with a card that says it is synthetic."""
 
     def write(directory: Path, version: int) -> None:
         (directory / MODEL_FILE).write_bytes(model)
-        info = {"name": name, "version": version, "architecture": "linear", "synthetic": True}
-        (directory / CARD_FILE).write_text(json.dumps(card or info, indent=2) + "\n")
+        card = ModelCard(
+            name=name,
+            version=version,
+            architecture=Architecture("linear", parameters=PIXELS + 1),
+            model_file=ModelFileRecord.of(model),
+            synthetic=True,
+        )
+        card.write(directory / CARD_FILE)
 
     return publish(repository, name, write)
