@@ -15,7 +15,7 @@ from pathlib import Path
 from serving.codecs import decode_infer_request, encode_infer_response
 from serving.contract import IMAGES, OUTPUTS
 from serving.dataplane import DataPlane
-from serving.edge import RpcCall, deadline_of
+from serving.edge import EdgeState, RpcCall, deadline_of
 from serving.errors import ModelNotFound
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -47,11 +47,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         dataplane: DataPlane,
+        edge: EdgeState,
         repository: Path,
         max_queue_delay_us: int,
         keep_versions: int = 1,
     ) -> None:
         self.dataplane = dataplane
+        self.edge = edge
         self.registry = dataplane.registry
         self.repository = repository
         self.max_queue_delay_us = max_queue_delay_us
@@ -59,26 +61,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._version = server_version()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
-        async with RpcCall(self.dataplane, "ServerLive", context):
+        async with RpcCall(self.dataplane, self.edge, "ServerLive", context):
             return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        async with RpcCall(self.dataplane, "ServerReady", context):
-            ready = self.dataplane.accepting and self.registry.is_ready()
+        async with RpcCall(self.dataplane, self.edge, "ServerReady", context):
+            ready = self.edge.accepting and self.registry.is_ready()
             return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        async with RpcCall(self.dataplane, "ModelReady", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelReady", context) as call:
             try:
                 call.resolve(request.name, request.version)
             except ModelNotFound:
                 return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=self.dataplane.accepting)
+            return pb.ModelReadyResponse(ready=self.edge.accepting)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context
     ) -> pb.ServerMetadataResponse:
-        async with RpcCall(self.dataplane, "ServerMetadata", context):
+        async with RpcCall(self.dataplane, self.edge, "ServerMetadata", context):
             return pb.ServerMetadataResponse(
                 name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
             )
@@ -86,7 +88,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context
     ) -> pb.ModelMetadataResponse:
-        async with RpcCall(self.dataplane, "ModelMetadata", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelMetadata", context) as call:
             model = call.resolve(request.name, request.version)
             return self._model_metadata(model)
 
@@ -104,7 +106,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        async with RpcCall(self.dataplane, "ModelInfer", context, inference=True) as call:
+        async with RpcCall(
+            self.dataplane, self.edge, "ModelInfer", context, inference=True
+        ) as call:
             model = call.resolve(request.model_name, request.model_version)
             decoded = decode_infer_request(request, self.dataplane.check_image_count)
             result = await self.dataplane.infer(model, decoded.images, deadline_of(context))
@@ -116,7 +120,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
-        async with RpcCall(self.dataplane, "ModelConfig", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelConfig", context) as call:
             model = call.resolve(request.name, request.version)
             return pb.ModelConfigResponse(config=self._model_config(model))
 
@@ -172,7 +176,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context
     ) -> pb.ModelStatisticsResponse:
-        async with RpcCall(self.dataplane, "ModelStatistics", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelStatistics", context) as call:
             if request.name and request.version:
                 models = [call.resolve(request.name, request.version)]
             elif request.name:
@@ -187,7 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context
     ) -> pb.RepositoryIndexResponse:
-        async with RpcCall(self.dataplane, "RepositoryIndex", context):
+        async with RpcCall(self.dataplane, self.edge, "RepositoryIndex", context):
             return await self._repository_index(request)
 
     async def _repository_index(
