@@ -10,8 +10,9 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
+from serving.contract import IMAGE_SIDE
 from serving.dataplane import DataPlane, InferenceResult
-from serving.edge import RpcCall, deadline_of
+from serving.edge import EdgeState, RpcCall, deadline_of
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
@@ -23,7 +24,6 @@ from serving.imaging import (
     png_to_image,
 )
 from serving.repository import DEFAULT_MODEL_NAME
-from serving.runtime import IMAGE_SIDE
 
 
 def _never() -> bool:
@@ -67,17 +67,19 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     def __init__(
         self,
         dataplane: DataPlane,
+        edge: EdgeState,
         png_limits: PngLimits = DEFAULT_PNG_LIMITS,
         png_executor: Executor | None = None,
     ) -> None:
         self.dataplane = dataplane
+        self.edge = edge
         self.png_limits = png_limits
         # Requests with PNGs decode only on these few threads, so concurrent requests
         # cannot multiply decoding's memory and CPU.
         self.png_executor = png_executor or ThreadPoolExecutor(1, thread_name_prefix="png")
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        async with RpcCall(self.dataplane, "Classify", context, inference=True) as call:
+        async with RpcCall(self.dataplane, self.edge, "Classify", context, inference=True) as call:
             name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
             call.resolve(name, version)  # an unknown model fails before any decoding
             images = await self._decode(request.images, context)

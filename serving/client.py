@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from serving.codecs import decode_infer_response
+from serving.contract import DIGIT, IMAGES
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
@@ -26,7 +27,6 @@ from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
 from serving.idx import IdxError, read_images, read_labels
 from serving.imaging import PNG_SIGNATURE
 from serving.repository import DEFAULT_MODEL_NAME
-from serving.runtime import INPUT_NAME, OUTPUT_DIGIT
 
 DEFAULT_SERVER = "127.0.0.1:8001"
 DEFAULT_BATCH_SIZE = 256
@@ -98,7 +98,7 @@ class Mnist37Client:
         request = oip_pb.ModelInferRequest(
             model_name=model_name, model_version=model_version, id=request_id
         )
-        tensor = request.inputs.add(name=INPUT_NAME, datatype="UINT8", shape=images.shape)
+        tensor = request.inputs.add(name=IMAGES.name, datatype=IMAGES.datatype, shape=images.shape)
         if raw:
             request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
         else:
@@ -146,9 +146,9 @@ def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) ->
     for start in range(0, len(images), args.batch_size):
         chunk = images[start : start + args.batch_size]
         begin = time.perf_counter()
-        outputs = client.infer(chunk, model, args.model_version, outputs=[OUTPUT_DIGIT])
+        outputs = client.infer(chunk, model, args.model_version, outputs=[DIGIT.name])
         latencies.append(time.perf_counter() - begin)
-        digits[start : start + len(chunk)] = outputs[OUTPUT_DIGIT]
+        digits[start : start + len(chunk)] = outputs[DIGIT.name]
     elapsed = time.perf_counter() - start_all
     correct = int((digits == labels).sum())
     latency_ms = np.array(latencies) * 1000

@@ -17,19 +17,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from serving.contract import IMAGE_SIDE, IMAGES, OUTPUT_DATATYPES, OUTPUT_NAMES, PIXELS, PROBABILITY
 from serving.errors import InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
-from serving.runtime import (
-    IMAGE_SIDE,
-    INPUT_NAME,
-    OUTPUT_DIGIT,
-    OUTPUT_NAMES,
-    OUTPUT_PROBABILITY,
-    PIXELS,
-)
 
-INPUT_DATATYPE = "UINT8"
-OUTPUT_DATATYPES = {OUTPUT_PROBABILITY: "FP32", OUTPUT_DIGIT: "INT64"}
 _CONTENT_FIELDS = (
     "bool_contents",
     "int_contents",
@@ -61,20 +52,20 @@ def decode_infer_request(
     inputs = request.inputs
     if len(inputs) != 1:
         raise InvalidInput(
-            f"inputs: expected exactly one input tensor named {INPUT_NAME!r}, got {len(inputs)}"
+            f"inputs: expected exactly one input tensor named {IMAGES.name!r}, got {len(inputs)}"
         )
     tensor = inputs[0]
-    if tensor.name != INPUT_NAME:
+    if tensor.name != IMAGES.name:
         raise InvalidInput(
-            f"inputs[0].name: unknown input {tensor.name!r}, expected {INPUT_NAME!r}"
+            f"inputs[0].name: unknown input {tensor.name!r}, expected {IMAGES.name!r}"
         )
-    if tensor.datatype != INPUT_DATATYPE:
+    if tensor.datatype != IMAGES.datatype:
         raise InvalidInput(
-            f"inputs[0].datatype: {tensor.datatype!r} is not accepted, expected {INPUT_DATATYPE!r}"
+            f"inputs[0].datatype: {tensor.datatype!r} is not accepted, expected {IMAGES.datatype!r}"
         )
     shape = list(tensor.shape)
     if len(shape) != 3 or shape[1:] != [IMAGE_SIDE, IMAGE_SIDE] or shape[0] < 0:
-        raise InvalidInput(f"inputs[0].shape: {shape} is not [N, 28, 28]")
+        raise InvalidInput(f"inputs[0].shape: {shape} is not [N, {IMAGE_SIDE}, {IMAGE_SIDE}]")
     if tensor.parameters:
         raise InvalidInput(f"inputs[0].parameters: {_names(tensor.parameters)} not supported")
     count = shape[0]
@@ -95,7 +86,7 @@ def decode_infer_request(
         if len(data) != expected:
             raise InvalidInput(
                 f"raw_input_contents[0]: {len(data)} bytes, expected {expected} "
-                f"for shape {shape} of {INPUT_DATATYPE}"
+                f"for shape {shape} of {IMAGES.datatype}"
             )
         images = np.frombuffer(data, dtype=np.uint8).reshape(count, IMAGE_SIDE, IMAGE_SIDE)
         return DecodedRequest(images, True, _requested_outputs(request))
@@ -110,7 +101,7 @@ def _decode_typed(
     for field_name in _CONTENT_FIELDS:
         if field_name != "uint_contents" and len(getattr(contents, field_name)):
             raise InvalidInput(
-                f"inputs[0].contents.{field_name}: {INPUT_DATATYPE} data goes in uint_contents"
+                f"inputs[0].contents.{field_name}: {IMAGES.datatype} data goes in uint_contents"
             )
     values = contents.uint_contents
     expected = count * PIXELS
@@ -161,13 +152,13 @@ def encode_infer_response(
     """Fill `response.outputs` (and `raw_output_contents` when raw) with the requested outputs."""
     count = len(probability)
     for name in outputs:
-        values = probability if name == OUTPUT_PROBABILITY else digit
+        values = probability if name == PROBABILITY.name else digit
         tensor = response.outputs.add(name=name, datatype=OUTPUT_DATATYPES[name], shape=(count,))
         if raw:
             response.raw_output_contents.append(
-                values.astype("<f4" if name == OUTPUT_PROBABILITY else "<i8", copy=False).tobytes()
+                values.astype("<f4" if name == PROBABILITY.name else "<i8", copy=False).tobytes()
             )
-        elif name == OUTPUT_PROBABILITY:
+        elif name == PROBABILITY.name:
             tensor.contents.fp32_contents.extend(values.tolist())
         else:
             tensor.contents.int64_contents.extend(values.tolist())
@@ -178,10 +169,10 @@ def decode_infer_response(response: pb.ModelInferResponse) -> dict[str, np.ndarr
     """The response's outputs by name, raw or typed (used by our client and tests)."""
     decoded = {}
     for index, tensor in enumerate(response.outputs):
-        dtype = np.float32 if tensor.datatype == "FP32" else np.int64
+        dtype = np.float32 if tensor.datatype == PROBABILITY.datatype else np.int64
         if response.raw_output_contents:
             values = np.frombuffer(response.raw_output_contents[index], dtype=dtype)
-        elif tensor.datatype == "FP32":
+        elif tensor.datatype == PROBABILITY.datatype:
             values = np.array(tensor.contents.fp32_contents, dtype=np.float32)
         else:
             values = np.array(tensor.contents.int64_contents, dtype=np.int64)

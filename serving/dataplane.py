@@ -1,7 +1,9 @@
 """The protocol-free core: resolve a model, batch-infer images, account for the request.
 
 Both gRPC APIs (Open Inference Protocol and mnist37.v1.Classifier) call `DataPlane.infer`
-with plain numpy data and get plain results or a typed `ServingError` back.
+with plain numpy data and get plain results or a typed `ServingError` back. Whether the
+server still takes requests, and how many are in flight, is the edge's business
+(`serving.edge.EdgeState`), not the data plane's.
 """
 
 from __future__ import annotations
@@ -12,8 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.errors import InvalidInput, ServerNotReady, ServingError
-from serving.logs import FailureLogLimiter
+from serving.errors import InvalidInput, ServingError
 from serving.registry import LoadedModel, ModelRegistry
 from serving.stats import InferenceObserver, NullObserver
 
@@ -35,16 +36,10 @@ class DataPlane:
         registry: ModelRegistry,
         max_request_images: int,
         observer: InferenceObserver | None = None,
-        failure_log: FailureLogLimiter | None = None,
     ) -> None:
         self.registry = registry
         self.max_request_images = max_request_images
         self.observer: InferenceObserver = observer or NullObserver()
-        # how many failed RPCs serving.edge.RpcCall logs (no limit by default)
-        self.failure_log = failure_log or FailureLogLimiter(0)
-        self.in_flight = 0  # inference RPCs being handled (serving.edge.RpcCall counts them)
-        self.accepting = True
-        self.observer.watch_in_flight(lambda: self.in_flight)
 
     def resolve(self, name: str, version: str = "") -> LoadedModel:
         return self.registry.resolve(name, version)
@@ -62,8 +57,6 @@ class DataPlane:
         self, model: LoadedModel, images: np.ndarray, deadline: float | None = None
     ) -> InferenceResult:
         """Predictions for uint8 [N, 28, 28] images from an already resolved model."""
-        if not self.accepting:
-            raise ServerNotReady("the server is shutting down")
         start_ns = time.perf_counter_ns()
         model.request_started()
         outcome = "success"

@@ -4,6 +4,11 @@ Every RPC runs inside one `RpcCall`, which turns a `ServingError` into its statu
 counts the RPC by code with its model and version (bounded labels), times it, and logs it
 once if it failed (rate-limited per RPC and code). An inference request refused as invalid
 after its model was resolved also counts as failed in that model's Triton statistics.
+
+`EdgeState` is what the edge knows across RPCs: the inference requests in flight, whether
+new ones are still accepted (the drain in `serving.server` waits for the first to reach 0,
+then ends the second) and the failure-log rate limit. The server owns one; the RPCs of
+every servicer share it.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -23,6 +29,7 @@ from serving.errors import (
     ServerNotReady,
     ServingError,
 )
+from serving.logs import FailureLogLimiter
 from serving.registry import LoadedModel
 
 log = logging.getLogger("serving.rpc")
@@ -48,15 +55,33 @@ _CLIENT_SIDE = {
 }
 
 
+@dataclass(eq=False)
+class EdgeState:
+    """The server's edge state, shared by every servicer's RPCs. Protocol-neutral (no gRPC
+    in it), so another edge serving the same data plane can share it too."""
+
+    # how many failed RPCs are logged (no limit by default)
+    failure_log: FailureLogLimiter = field(default_factory=lambda: FailureLogLimiter(0))
+    in_flight: int = 0  # inference requests being handled: the drain waits for 0
+    accepting: bool = True  # False once the drain stops taking new inference requests
+
+    def check_accepting(self) -> None:
+        """Refuse an inference request once the drain stopped accepting them."""
+        if not self.accepting:
+            raise ServerNotReady("the server is shutting down")
+
+
 class RpcCall:
-    """`async with RpcCall(dataplane, "ModelInfer", context) as call:` around an RPC's whole
-    handling. Inside, `call.resolve(name, version)` finds the model (and labels the RPC
-    with it); raising a `ServingError` answers with its status code. With
-    `inference=True` the RPC counts as in flight, which a graceful drain waits for."""
+    """`async with RpcCall(dataplane, edge, "ModelInfer", context) as call:` around an RPC's
+    whole handling. Inside, `call.resolve(name, version)` finds the model (and labels the
+    RPC with it); raising a `ServingError` answers with its status code. With
+    `inference=True` the RPC counts as in flight in `edge`, which a graceful drain waits
+    for, and is refused once the drain stopped accepting."""
 
     __slots__ = (
         "_context",
         "_dataplane",
+        "_edge",
         "_inference",
         "_loaded",
         "_requested_version",
@@ -70,10 +95,12 @@ class RpcCall:
     def __init__(
         self,
         dataplane: DataPlane,
+        edge: EdgeState,
         rpc: str,
         context: grpc.aio.ServicerContext,
         inference: bool = False,
     ) -> None:
+        self._edge = edge
         self._dataplane = dataplane
         self._context = context
         self._inference = inference
@@ -85,11 +112,16 @@ class RpcCall:
         self._loaded: LoadedModel | None = None
 
     def resolve(self, name: str, version: str = "") -> LoadedModel:
+        """The model `name` at `version`, which labels the RPC. An inference RPC is admitted
+        here, as it picks the model it will run on: once the drain stopped accepting, it is
+        refused (UNAVAILABLE), labelled with that model."""
         self.name_model(name)
         self._requested_version = version
         loaded = self._dataplane.resolve(name, version)
         self.version = loaded.version_label
         self._loaded = loaded
+        if self._inference:
+            self._edge.check_accepting()
         return loaded
 
     def name_model(self, name: str) -> None:
@@ -100,14 +132,14 @@ class RpcCall:
 
     async def __aenter__(self) -> RpcCall:
         if self._inference:
-            self._dataplane.in_flight += 1
+            self._edge.in_flight += 1
         self._start = time.perf_counter()
         return self
 
     async def __aexit__(self, error_type: type | None, error: BaseException | None, _tb) -> None:
         seconds = time.perf_counter() - self._start
         if self._inference:
-            self._dataplane.in_flight -= 1
+            self._edge.in_flight -= 1
         if error is None:
             self._dataplane.observer.rpc_finished(self.rpc, self.model, self.version, "OK", seconds)
             return
@@ -135,14 +167,14 @@ class RpcCall:
         remaining = self._context.time_remaining()
         if remaining is not None and remaining <= 0:
             return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
-        if not self._dataplane.accepting:
+        if not self._edge.accepting:
             return grpc.StatusCode.CANCELLED, "cancelled while the server was stopping"
         return grpc.StatusCode.CANCELLED, "cancelled by the client"
 
     def _log_failure(self, code: grpc.StatusCode, details: str, error: BaseException) -> None:
         internal = code not in _CLIENT_SIDE
         level = logging.ERROR if internal else logging.WARNING
-        if not self._dataplane.failure_log.allow(self.rpc, code.name, level):
+        if not self._edge.failure_log.allow(self.rpc, code.name, level):
             return
         log.log(
             level,

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 
 from serving.atomic import write_bytes_atomically
+from serving.contract import IMAGE_SIDE
 
 IMAGES_MAGIC = 0x00000803
 LABELS_MAGIC = 0x00000801
-IMAGE_SIDE = 28
 _KINDS = {IMAGES_MAGIC: "an images file", LABELS_MAGIC: "a labels file"}
 _GZIP_MAGIC = b"\x1f\x8b"
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, PngImagePlugin
 
+from serving.contract import IMAGE_SIDE, PIXELS
 from serving.errors import InvalidInput
-from serving.runtime import IMAGE_SIDE, PIXELS
 
 # Text chunks are never used, yet Pillow decompresses up to 64 MB of them per PNG by
 # default (from a few hundred KB of zTXt).

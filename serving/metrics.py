@@ -17,6 +17,8 @@ from wsgiref.simple_server import WSGIServer
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from serving.contract import DIGITS
+
 # Seconds, 25 us to 10 s in 1-2.5-5 steps: onnxruntime takes 10-30 us for one image, a
 # request about 0.1-0.5 ms, a 4096-image request or an overloaded queue tens of ms.
 LATENCY_BUCKETS = (
@@ -29,7 +31,6 @@ PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 
 # From this many images on, a response's P(7) values are observed in one vectorised pass;
 # below it one by one (about 1 us each; the numpy pass costs about 8 us, measured).
 VECTORISE_FROM = 8
-DIGITS = (3, 7)
 OTHER_DIGIT = "other"
 
 

@@ -12,21 +12,17 @@ import asyncio
 from importlib import metadata
 from pathlib import Path
 
-from serving.codecs import (
-    INPUT_DATATYPE,
-    OUTPUT_DATATYPES,
-    decode_infer_request,
-    encode_infer_response,
-)
+from serving.codecs import decode_infer_request, encode_infer_response
+from serving.contract import IMAGES, OUTPUTS
 from serving.dataplane import DataPlane
-from serving.edge import RpcCall, deadline_of
+from serving.edge import EdgeState, RpcCall, deadline_of
 from serving.errors import ModelNotFound
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.inference import model_config_pb2 as config_pb
 from serving.registry import LoadedModel
-from serving.repository import list_models, list_versions
-from serving.runtime import CUDA_PROVIDER, IMAGE_SIDE, INPUT_NAME, OUTPUT_NAMES
+from serving.repository import MODEL_FILE, list_models, list_versions
+from serving.runtime import CUDA_PROVIDER
 from serving.stats import Duration
 
 SERVER_NAME = "mnist37"
@@ -51,11 +47,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(
         self,
         dataplane: DataPlane,
+        edge: EdgeState,
         repository: Path,
         max_queue_delay_us: int,
         keep_versions: int = 1,
     ) -> None:
         self.dataplane = dataplane
+        self.edge = edge
         self.registry = dataplane.registry
         self.repository = repository
         self.max_queue_delay_us = max_queue_delay_us
@@ -63,26 +61,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self._version = server_version()
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context) -> pb.ServerLiveResponse:
-        async with RpcCall(self.dataplane, "ServerLive", context):
+        async with RpcCall(self.dataplane, self.edge, "ServerLive", context):
             return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context) -> pb.ServerReadyResponse:
-        async with RpcCall(self.dataplane, "ServerReady", context):
-            ready = self.dataplane.accepting and self.registry.is_ready()
+        async with RpcCall(self.dataplane, self.edge, "ServerReady", context):
+            ready = self.edge.accepting and self.registry.is_ready()
             return pb.ServerReadyResponse(ready=ready)
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context) -> pb.ModelReadyResponse:
-        async with RpcCall(self.dataplane, "ModelReady", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelReady", context) as call:
             try:
                 call.resolve(request.name, request.version)
             except ModelNotFound:
                 return pb.ModelReadyResponse(ready=False)
-            return pb.ModelReadyResponse(ready=self.dataplane.accepting)
+            return pb.ModelReadyResponse(ready=self.edge.accepting)
 
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context
     ) -> pb.ServerMetadataResponse:
-        async with RpcCall(self.dataplane, "ServerMetadata", context):
+        async with RpcCall(self.dataplane, self.edge, "ServerMetadata", context):
             return pb.ServerMetadataResponse(
                 name=SERVER_NAME, version=self._version, extensions=EXTENSIONS
             )
@@ -90,7 +88,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context
     ) -> pb.ModelMetadataResponse:
-        async with RpcCall(self.dataplane, "ModelMetadata", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelMetadata", context) as call:
             model = call.resolve(request.name, request.version)
             return self._model_metadata(model)
 
@@ -100,17 +98,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             name=model.name,
             versions=[loaded.version_label for loaded in self.registry.versions(model.name)],
             platform=PLATFORM,
-            inputs=[
-                tensor(name=INPUT_NAME, datatype=INPUT_DATATYPE, shape=[-1, IMAGE_SIDE, IMAGE_SIDE])
-            ],
+            inputs=[tensor(name=IMAGES.name, datatype=IMAGES.datatype, shape=IMAGES.shape)],
             outputs=[
-                tensor(name=name, datatype=OUTPUT_DATATYPES[name], shape=[-1])
-                for name in OUTPUT_NAMES
+                tensor(name=output.name, datatype=output.datatype, shape=output.shape)
+                for output in OUTPUTS
             ],
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
-        async with RpcCall(self.dataplane, "ModelInfer", context, inference=True) as call:
+        async with RpcCall(
+            self.dataplane, self.edge, "ModelInfer", context, inference=True
+        ) as call:
             model = call.resolve(request.model_name, request.model_version)
             decoded = decode_infer_request(request, self.dataplane.check_image_count)
             result = await self.dataplane.infer(model, decoded.images, deadline_of(context))
@@ -122,32 +120,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context) -> pb.ModelConfigResponse:
-        async with RpcCall(self.dataplane, "ModelConfig", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelConfig", context) as call:
             model = call.resolve(request.name, request.version)
             return pb.ModelConfigResponse(config=self._model_config(model))
 
     def _model_config(self, model: LoadedModel) -> config_pb.ModelConfig:
-        image_dims = [IMAGE_SIDE, IMAGE_SIDE]
         on_gpu = model.provider == CUDA_PROVIDER
         config = config_pb.ModelConfig(
             name=model.name,
             platform=PLATFORM,
             backend="onnxruntime",
             max_batch_size=self.dataplane.max_request_images,
+            # Triton's dims leave out the batch dimension.
             input=[
                 config_pb.ModelInput(
-                    name=INPUT_NAME, data_type=_CONFIG_TYPES[INPUT_DATATYPE], dims=image_dims
+                    name=IMAGES.name,
+                    data_type=_CONFIG_TYPES[IMAGES.datatype],
+                    dims=IMAGES.shape[1:],
                 )
             ],
             output=[
                 # Triton's way of declaring a per-image scalar: dims [1], reshaped to [].
                 config_pb.ModelOutput(
-                    name=name,
-                    data_type=_CONFIG_TYPES[OUTPUT_DATATYPES[name]],
+                    name=output.name,
+                    data_type=_CONFIG_TYPES[output.datatype],
                     dims=[1],
                     reshape=config_pb.ModelTensorReshape(shape=[]),
                 )
-                for name in OUTPUT_NAMES
+                for output in OUTPUTS
             ],
             instance_group=[
                 config_pb.ModelInstanceGroup(
@@ -158,7 +158,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     else config_pb.ModelInstanceGroup.KIND_CPU,
                 )
             ],
-            default_model_filename="model.onnx",
+            default_model_filename=MODEL_FILE,
             parameters={
                 "execution_provider": config_pb.ModelParameter(string_value=model.provider),
                 "max_batch_size_per_execution": config_pb.ModelParameter(
@@ -176,7 +176,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context
     ) -> pb.ModelStatisticsResponse:
-        async with RpcCall(self.dataplane, "ModelStatistics", context) as call:
+        async with RpcCall(self.dataplane, self.edge, "ModelStatistics", context) as call:
             if request.name and request.version:
                 models = [call.resolve(request.name, request.version)]
             elif request.name:
@@ -191,7 +191,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context
     ) -> pb.RepositoryIndexResponse:
-        async with RpcCall(self.dataplane, "RepositoryIndex", context):
+        async with RpcCall(self.dataplane, self.edge, "RepositoryIndex", context):
             return await self._repository_index(request)
 
     async def _repository_index(

@@ -18,9 +18,9 @@ from types import MappingProxyType
 
 from serving.batcher import BatchListener, DynamicBatcher
 from serving.errors import ModelNotFound
-from serving.repository import ModelVersion, RepositoryError, parse_version
+from serving.repository import ModelCard, ModelVersion, RepositoryError, parse_version
 from serving.runtime import ModelRuntime, RuntimeOptions
-from serving.stats import InferenceStats, card_architecture
+from serving.stats import InferenceStats
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class LoadedModel:
     path: Path
     runtime: ModelRuntime
     batcher: DynamicBatcher
-    card: Mapping[str, object]
+    card: ModelCard
     stats: InferenceStats
     in_flight: int = 0
     _idle: asyncio.Event | None = field(default=None, repr=False)
@@ -49,7 +49,8 @@ class LoadedModel:
 
     @property
     def architecture(self) -> str:
-        return card_architecture(self.card)
+        """The card's architecture name, "" if it names none (a metrics label value)."""
+        return self.card.architecture_name or ""
 
     @property
     def provider(self) -> str:
@@ -145,8 +146,8 @@ def load_model_version(
     try:
         card = model_version.read_card()
     except RepositoryError as error:
-        log.warning("%s", error)
-        card = {}
+        log.warning("%s", error)  # the model still serves; only its description is missing
+        card = ModelCard()
     stats = InferenceStats()
     batcher = DynamicBatcher(
         runtime.predict,

@@ -6,20 +6,24 @@ filesystem, fsync it, and rename it into place while holding the model's publish
 a scanning server never sees a half-written model and two publishers never share a number.
 Numbers are never reused: the model directory remembers the highest one ever published, so
 deleting a bad version does not hand its number to a different model.
+
+Each version's `model.json` is its model card, read and written only as a `ModelCard`.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from serving.atomic import fsync_directory, write_json_atomically
 
@@ -30,10 +34,188 @@ _LOCK_FILE = ".publish.lock"
 _HIGHEST_VERSION_FILE = ".highest-version"
 _STAGING_PREFIX = ".staging-"
 _VERSION_NAME = re.compile(r"[1-9][0-9]*")
+CARD_SCHEMA_VERSION = 1
+"""The card schema this code writes. Cards of any schema are read as far as they go, so a
+field may only be added, never renamed or given another meaning, without a new number."""
 
 
 class RepositoryError(Exception):
     """The repository or one of its versions is missing or malformed."""
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The card's `architecture`: `{"name": "mlp", "hidden_units": 30, "parameters": ...}`."""
+
+    name: str | None = None
+    hidden_units: int | None = None
+    parameters: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelFileRecord:
+    """The card's `model_file`: what `model.onnx` was when it was published."""
+
+    sha256: str | None = None
+    bytes: int | None = None
+    name: str = MODEL_FILE
+
+    @classmethod
+    def of(cls, model: bytes) -> ModelFileRecord:
+        return cls(hashlib.sha256(model).hexdigest(), len(model))
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """A version's model card (`model.json`), one attribute per top-level key of the schema
+    (keys it does not know are not kept).
+
+    Every field is optional: a reader gets None for what a card does not say, and
+    `ModelCard()` says nothing. The records serving does not interpret (`training`,
+    `metrics`, `onnx`, `parity`, `libraries`) stay the JSON objects they are.
+    """
+
+    name: str | None = None
+    version: int | None = None
+    architecture: Architecture | None = None
+    created_at: str | None = None
+    published_at: str | None = None
+    training: Mapping[str, Any] | None = None
+    metrics: Mapping[str, Any] | None = None  # {"test": {"accuracy": ..., ...}}
+    model_file: ModelFileRecord | None = None
+    onnx: Mapping[str, Any] | None = None
+    parity: Mapping[str, Any] | None = None
+    libraries: Mapping[str, str] | None = None
+    synthetic: bool = False  # built by serving.synthetic, not trained
+    schema_version: int | None = CARD_SCHEMA_VERSION
+
+    @property
+    def architecture_name(self) -> str | None:
+        return self.architecture.name if self.architecture is not None else None
+
+    @property
+    def test_accuracy(self) -> float | None:
+        accuracy = ((self.metrics or {}).get("test") or {}).get("accuracy")
+        return float(accuracy) if accuracy is not None else None
+
+    @classmethod
+    def read(cls, path: Path) -> ModelCard:
+        """The card in `path`; RepositoryError if it is unreadable or malformed."""
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as error:
+            raise RepositoryError(f"cannot read model card {path}: {error}") from error
+        return cls.from_json(data, f"model card {path}")
+
+    @classmethod
+    def from_json(cls, data: object, where: str = "model card") -> ModelCard:
+        """The card a parsed `model.json` holds; `where` names it in errors."""
+        if not isinstance(data, dict):
+            raise RepositoryError(f"{where} is not a JSON object")
+
+        def field(key: str, kind: type) -> Any:
+            return _field(data, key, kind, where)
+
+        return cls(
+            name=field("name", str),
+            version=field("version", int),
+            architecture=_read_architecture(data.get("architecture"), where),
+            created_at=field("created_at", str),
+            published_at=field("published_at", str),
+            training=field("training", dict),
+            metrics=_read_metrics(field("metrics", dict), where),
+            model_file=_read_model_file(field("model_file", dict), where),
+            onnx=field("onnx", dict),
+            parity=field("parity", dict),
+            libraries=field("libraries", dict),
+            synthetic=bool(field("synthetic", bool)),
+            schema_version=field("schema_version", int),
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        """The card as `model.json` holds it; what it does not say is left out."""
+        architecture, model_file = self.architecture, self.model_file
+        keys = {
+            "schema_version": self.schema_version,
+            "name": self.name,
+            "version": self.version,
+            # every key of these two, null when unknown, as publishing has always written them
+            "architecture": asdict(architecture) if architecture is not None else None,
+            "created_at": self.created_at,
+            "published_at": self.published_at,
+            "training": _copy(self.training),
+            "metrics": _copy(self.metrics),
+            "model_file": asdict(model_file) if model_file is not None else None,
+            "onnx": _copy(self.onnx),
+            "parity": _copy(self.parity),
+            "libraries": _copy(self.libraries),
+            "synthetic": True if self.synthetic else None,
+        }
+        return {key: value for key, value in keys.items() if value is not None}
+
+    def write(self, path: Path) -> None:
+        """Write the card to `path` atomically (indented, key-sorted JSON)."""
+        write_json_atomically(path, self.as_json())
+
+
+_JSON_KINDS = {
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    dict: "an object",
+    bool: "true or false",
+}
+
+
+def _field(data: dict, key: str, kind: type, where: str, within: str = "") -> Any:
+    """`data[key]` if it is of `kind` (float: any number), None if absent or null, else
+    RepositoryError naming `within` + `key`. JSON's true and false are not numbers."""
+    value = data.get(key)
+    if value is None:
+        return None
+    accepted = (int, float) if kind is float else kind
+    if isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
+        return value
+    shown = json.dumps(value)[:40]
+    raise RepositoryError(f"{where}: {within}{key} is {shown}, not {_JSON_KINDS[kind]}")
+
+
+def _read_architecture(value: object, where: str) -> Architecture | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return Architecture(value)  # synthetic cards before the shared writer said only this
+    if not isinstance(value, dict):
+        raise RepositoryError(
+            f"{where}: architecture is {json.dumps(value)[:40]}, not an object or a string"
+        )
+    return Architecture(
+        name=_field(value, "name", str, where, "architecture."),
+        hidden_units=_field(value, "hidden_units", int, where, "architecture."),
+        parameters=_field(value, "parameters", int, where, "architecture."),
+    )
+
+
+def _read_metrics(metrics: dict | None, where: str) -> dict | None:
+    """The card's metrics, with `test.accuracy` checked: `test_accuracy` reads it."""
+    test = _field(metrics, "test", dict, where, "metrics.") if metrics is not None else None
+    if test is not None:
+        _field(test, "accuracy", float, where, "metrics.test.")
+    return metrics
+
+
+def _read_model_file(model_file: dict | None, where: str) -> ModelFileRecord | None:
+    if model_file is None:
+        return None
+    return ModelFileRecord(
+        sha256=_field(model_file, "sha256", str, where, "model_file."),
+        bytes=_field(model_file, "bytes", int, where, "model_file."),
+        name=_field(model_file, "name", str, where, "model_file.") or MODEL_FILE,
+    )
+
+
+def _copy(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    return dict(record) if record is not None else None
 
 
 @dataclass(frozen=True)
@@ -52,12 +234,9 @@ class ModelVersion:
     def card_path(self) -> Path:
         return self.path / CARD_FILE
 
-    def read_card(self) -> dict:
-        """The model card (`model.json`) as a dict."""
-        try:
-            return json.loads(self.card_path.read_text())
-        except (OSError, ValueError) as error:
-            raise RepositoryError(f"cannot read model card {self.card_path}: {error}") from error
+    def read_card(self) -> ModelCard:
+        """The version's model card; RepositoryError if it is unreadable or malformed."""
+        return ModelCard.read(self.card_path)
 
 
 def validate_model_name(name: str) -> str:

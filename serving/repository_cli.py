@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from serving.repository import (
+    ModelFileRecord,
     ModelVersion,
     RepositoryError,
     list_models,
@@ -57,35 +58,33 @@ def summarize_version(version: ModelVersion) -> VersionSummary:
     name, number, path = version.name, version.version, version.path
     try:
         card = version.read_card()
-        if not isinstance(card, dict):
-            raise RepositoryError(f"model card {version.card_path} is not a JSON object")
     except RepositoryError as error:
         return VersionSummary(name, number, str(path), problems=[str(error)])
-    problems = []
-    model_file = card.get("model_file", {})
-    recorded_sha256 = model_file.get("sha256")
-    model_path = version.model_path
-    try:
-        actual_sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    except OSError as error:
-        problems.append(f"cannot read {model_path}: {error.strerror}")
-    else:
-        if actual_sha256 != recorded_sha256:
-            problems.append(
-                f"{model_path} has sha256 {actual_sha256}, the card says {recorded_sha256}"
-            )
-    accuracy = card.get("metrics", {}).get("test", {}).get("accuracy")
+    model_file = card.model_file or ModelFileRecord()
     return VersionSummary(
         model=name,
         version=number,
         path=str(path),
-        architecture=card.get("architecture", {}).get("name"),
-        test_accuracy=float(accuracy) if accuracy is not None else None,
-        created_at=card.get("created_at"),
-        sha256=recorded_sha256,
-        bytes=model_file.get("bytes"),
-        problems=problems,
+        architecture=card.architecture_name,
+        test_accuracy=card.test_accuracy,
+        created_at=card.created_at,
+        sha256=model_file.sha256,
+        bytes=model_file.bytes,
+        problems=_model_file_problems(version.model_path, model_file.sha256),
     )
+
+
+def _model_file_problems(model_path: Path, recorded_sha256: str | None) -> list[str]:
+    """What is wrong with `model.onnx` measured against the sha256 its card records."""
+    try:
+        actual_sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
+    except OSError as error:
+        return [f"cannot read {model_path}: {error.strerror}"]
+    if recorded_sha256 is None:
+        return [f"{model_path} has sha256 {actual_sha256}, the card records none"]
+    if actual_sha256 != recorded_sha256:
+        return [f"{model_path} has sha256 {actual_sha256}, the card says {recorded_sha256}"]
+    return []
 
 
 def format_table(summaries: Sequence[VersionSummary]) -> str:

@@ -1,8 +1,5 @@
-"""One onnxruntime session per model version, checked against the model contract.
-
-Contract: input `images` UINT8 [N, 28, 28] (N dynamic); outputs `probability` FLOAT [N]
-(P(7)) and `digit` INT64 [N].
-"""
+"""One onnxruntime session per model version, checked against the model contract
+(`serving.contract`) when it loads."""
 
 from __future__ import annotations
 
@@ -13,14 +10,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from serving.contract import IMAGE_SIDE, IMAGES, OUTPUT_NAMES, OUTPUTS, TensorSpec
+
 log = logging.getLogger(__name__)
 
-INPUT_NAME = "images"
-IMAGE_SIDE = 28
-PIXELS = IMAGE_SIDE * IMAGE_SIDE
-OUTPUT_PROBABILITY = "probability"
-OUTPUT_DIGIT = "digit"
-OUTPUT_NAMES = (OUTPUT_PROBABILITY, OUTPUT_DIGIT)
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
 
@@ -30,6 +23,8 @@ _GRAPH_OPTIMIZATION = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+# onnxruntime's name for each contract datatype
+_ORT_TYPES = {"UINT8": "tensor(uint8)", "FP32": "tensor(float)", "INT64": "tensor(int64)"}
 
 
 class ModelLoadError(Exception):
@@ -101,33 +96,31 @@ class ModelRuntime:
 
     def _check_contract(self) -> None:
         inputs = self.session.get_inputs()
-        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+        if len(inputs) != 1 or inputs[0].name != IMAGES.name:
             names = [tensor.name for tensor in inputs]
-            raise ContractViolation(f"{self.model_path}: inputs {names}, expected ['images']")
-        _check_tensor(self.model_path, inputs[0], "tensor(uint8)", rank=3)
+            raise ContractViolation(f"{self.model_path}: inputs {names}, expected {[IMAGES.name]}")
+        _check_tensor(self.model_path, inputs[0], IMAGES)
         outputs = {tensor.name: tensor for tensor in self.session.get_outputs()}
-        for name, element_type in (
-            (OUTPUT_PROBABILITY, "tensor(float)"),
-            (OUTPUT_DIGIT, "tensor(int64)"),
-        ):
-            if name not in outputs:
+        for spec in OUTPUTS:
+            if spec.name not in outputs:
                 raise ContractViolation(
-                    f"{self.model_path}: no output {name!r} (outputs: {sorted(outputs)})"
+                    f"{self.model_path}: no output {spec.name!r} (outputs: {sorted(outputs)})"
                 )
-            _check_tensor(self.model_path, outputs[name], element_type, rank=1)
+            _check_tensor(self.model_path, outputs[spec.name], spec)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P(7) as float32 [N] and the digit (3 or 7) as int64 [N] for uint8 [N, 28, 28]."""
-        probability, digit = self.session.run(self._output_names, {INPUT_NAME: images})
+        probability, digit = self.session.run(self._output_names, {IMAGES.name: images})
         return probability, digit
 
 
-def _check_tensor(model_path: Path, tensor: ort.NodeArg, element_type: str, rank: int) -> None:
+def _check_tensor(model_path: Path, tensor: ort.NodeArg, spec: TensorSpec) -> None:
+    element_type = _ORT_TYPES[spec.datatype]
     if tensor.type != element_type:
         raise ContractViolation(
             f"{model_path}: {tensor.name} is {tensor.type}, expected {element_type}"
         )
-    shape = tensor.shape
+    shape, rank = tensor.shape, len(spec.shape)
     if len(shape) != rank:
         raise ContractViolation(f"{model_path}: {tensor.name} has shape {shape}, not rank {rank}")
     if isinstance(shape[0], int):
@@ -135,5 +128,6 @@ def _check_tensor(model_path: Path, tensor: ort.NodeArg, element_type: str, rank
             f"{model_path}: {tensor.name} has a fixed batch size {shape[0]}; export it with a "
             "dynamic first dimension"
         )
-    if rank == 3 and list(shape[1:]) != [IMAGE_SIDE, IMAGE_SIDE]:
-        raise ContractViolation(f"{model_path}: {tensor.name} has shape {shape}, need [N, 28, 28]")
+    if list(shape[1:]) != list(spec.shape[1:]):
+        need = ", ".join(["N", *map(str, spec.shape[1:])])
+        raise ContractViolation(f"{model_path}: {tensor.name} has shape {shape}, need [{need}]")

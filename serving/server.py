@@ -1,4 +1,4 @@
-"""`mnist37-serve`: wires the model registry, data plane and gRPC services together.
+"""`mnist37-serve`: wires the model registry, data plane, edge and gRPC services together.
 
 Health: the overall service "" (and each gRPC service) is readiness, SERVING while a model
 is loaded; `liveness` is SERVING from the moment the server answers, model or not.
@@ -25,7 +25,9 @@ from grpc_reflection.v1alpha import reflection
 from serving.batcher import BatchListener
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig, load_config
+from serving.contract import PIXELS
 from serving.dataplane import DataPlane
+from serving.edge import EdgeState
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
@@ -38,7 +40,7 @@ from serving.oip import InferenceServicer
 from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import ModelVersion
-from serving.runtime import PIXELS, DeviceUnavailable, RuntimeOptions, requested_providers
+from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_providers
 
 log = logging.getLogger("serving")
 
@@ -57,12 +59,10 @@ class InferenceServer:
         self.config = config
         self.registry = ModelRegistry()
         self.observer = PrometheusObserver() if config.metrics_port else None
-        self.dataplane = DataPlane(
-            self.registry,
-            config.max_request_images,
-            self.observer,
-            FailureLogLimiter(config.log_failures_per_second),
-        )
+        self.dataplane = DataPlane(self.registry, config.max_request_images, self.observer)
+        # One edge state for both servicers: the drain counts and stops them together.
+        self.edge = EdgeState(FailureLogLimiter(config.log_failures_per_second))
+        self.dataplane.observer.watch_in_flight(lambda: self.edge.in_flight)
         self.executor = ThreadPoolExecutor(
             max_workers=config.inference_threads, thread_name_prefix="onnxruntime"
         )
@@ -152,6 +152,7 @@ class InferenceServer:
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(
                 self.dataplane,
+                self.edge,
                 config.repository,
                 config.max_queue_delay_us,
                 config.keep_versions,
@@ -160,6 +161,7 @@ class InferenceServer:
         )
         classifier = ClassifierServicer(
             self.dataplane,
+            self.edge,
             PngLimits(config.max_png_pixels, config.max_request_png_pixels),
             self.png_executor,
         )
@@ -206,14 +208,14 @@ class InferenceServer:
         quiet_since: float | None = None
         while loop.time() < deadline and not (force and force.is_set()):
             now = loop.time()
-            if self.dataplane.in_flight:
+            if self.edge.in_flight:
                 quiet_since = None
             elif quiet_since is None:
                 quiet_since = now
             elif now - quiet_since >= config.drain_quiet_period:
                 break
             await asyncio.sleep(0.005)
-        self.dataplane.accepting = False
+        self.edge.accepting = False
         if self.grpc_server is not None:
             grace = 0.0 if force and force.is_set() else max(0.0, deadline - loop.time())
             await self.grpc_server.stop(grace)

@@ -7,7 +7,7 @@ The statistics are updated on the event loop thread only, so no locks are needed
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -88,15 +88,6 @@ class InferenceStats:
         self.compute_input.add(durations.input_ns)
         self.compute_infer.add(durations.infer_ns)
         self.compute_output.add(durations.output_ns)
-
-
-def card_architecture(card: Mapping[str, object]) -> str:
-    """The architecture named by a model card: published cards hold
-    `{"architecture": {"name": "linear", ...}}`, synthetic ones `{"architecture": "linear"}`."""
-    architecture = card.get("architecture", card.get("arch", ""))
-    if isinstance(architecture, Mapping):
-        architecture = architecture.get("name", "")
-    return architecture if isinstance(architecture, str) else ""
 
 
 class InferenceObserver(Protocol):

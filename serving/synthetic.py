@@ -7,13 +7,30 @@ Add -> Sigmoid, and `digit` = Where(probability >= 0.5, 7, 3). Needs the `onnx` 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from serving.repository import CARD_FILE, MODEL_FILE, ModelVersion, publish
-from serving.runtime import PIXELS
+from serving.contract import (
+    BATCH_DIMENSION,
+    DECISION_THRESHOLD,
+    DIGIT,
+    IMAGE_SIDE,
+    IMAGES,
+    NEGATIVE_DIGIT,
+    PIXELS,
+    POSITIVE_DIGIT,
+    PROBABILITY,
+)
+from serving.repository import (
+    CARD_FILE,
+    MODEL_FILE,
+    Architecture,
+    ModelCard,
+    ModelFileRecord,
+    ModelVersion,
+    publish,
+)
 
 
 def linear_model_bytes(weights: np.ndarray, bias: float) -> bytes:
@@ -27,28 +44,29 @@ def linear_model_bytes(weights: np.ndarray, bias: float) -> bytes:
         numpy_helper.from_array(weights.astype(np.float32).reshape(PIXELS, 1), "weights"),
         numpy_helper.from_array(np.array([bias], dtype=np.float32), "bias"),
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "vector_shape"),
-        numpy_helper.from_array(np.array(0.5, dtype=np.float32), "threshold"),
-        numpy_helper.from_array(np.array(7, dtype=np.int64), "seven"),
-        numpy_helper.from_array(np.array(3, dtype=np.int64), "three"),
+        numpy_helper.from_array(np.array(DECISION_THRESHOLD, dtype=np.float32), "threshold"),
+        numpy_helper.from_array(np.array(POSITIVE_DIGIT, dtype=np.int64), "seven"),
+        numpy_helper.from_array(np.array(NEGATIVE_DIGIT, dtype=np.int64), "three"),
     ]
     nodes = [
-        helper.make_node("Cast", ["images"], ["as_float"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", [IMAGES.name], ["as_float"], to=TensorProto.FLOAT),
         helper.make_node("Reshape", ["as_float", "flat_shape"], ["flat"]),
         helper.make_node("Div", ["flat", "scale"], ["pixels"]),
         helper.make_node("MatMul", ["pixels", "weights"], ["product"]),
         helper.make_node("Add", ["product", "bias"], ["logit_column"]),
         helper.make_node("Reshape", ["logit_column", "vector_shape"], ["logit"]),
-        helper.make_node("Sigmoid", ["logit"], ["probability"]),
-        helper.make_node("GreaterOrEqual", ["probability", "threshold"], ["is_seven"]),
-        helper.make_node("Where", ["is_seven", "seven", "three"], ["digit"]),
+        helper.make_node("Sigmoid", ["logit"], [PROBABILITY.name]),
+        helper.make_node("GreaterOrEqual", [PROBABILITY.name, "threshold"], ["is_seven"]),
+        helper.make_node("Where", ["is_seven", "seven", "three"], [DIGIT.name]),
     ]
+    image_shape = [BATCH_DIMENSION, IMAGE_SIDE, IMAGE_SIDE]
     graph = helper.make_graph(
         nodes,
         "mnist37_linear",
-        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["N", 28, 28])],
+        [helper.make_tensor_value_info(IMAGES.name, TensorProto.UINT8, image_shape)],
         [
-            helper.make_tensor_value_info("probability", TensorProto.FLOAT, ["N"]),
-            helper.make_tensor_value_info("digit", TensorProto.INT64, ["N"]),
+            helper.make_tensor_value_info(PROBABILITY.name, TensorProto.FLOAT, [BATCH_DIMENSION]),
+            helper.make_tensor_value_info(DIGIT.name, TensorProto.INT64, [BATCH_DIMENSION]),
         ],
         initializers,
     )
@@ -67,21 +85,26 @@ def mean_difference_model(images: np.ndarray, labels: np.ndarray) -> bytes:
     """A decent 3-vs-7 classifier without training: weights = mean(7s) - mean(3s), the bias
     puts the boundary halfway between the two class means."""
     pixels = images.reshape(len(images), PIXELS).astype(np.float64) / 255.0
-    mean_three = pixels[labels == 3].mean(axis=0)
-    mean_seven = pixels[labels == 7].mean(axis=0)
+    mean_three = pixels[labels == NEGATIVE_DIGIT].mean(axis=0)
+    mean_seven = pixels[labels == POSITIVE_DIGIT].mean(axis=0)
     weights = (mean_seven - mean_three) * 10.0
     bias = -float(weights @ (mean_three + mean_seven) / 2.0)
     return linear_model_bytes(weights, bias)
 
 
-def publish_model(
-    repository: Path, name: str, model: bytes, card: dict | None = None
-) -> ModelVersion:
-    """Publish `model` as the next version of `name` in `repository`."""
+def publish_model(repository: Path, name: str, model: bytes) -> ModelVersion:
+    """Publish `model` (a linear model from this module) as the next version of `name` in
+    `repository`, with a card that says it is synthetic."""
 
     def write(directory: Path, version: int) -> None:
         (directory / MODEL_FILE).write_bytes(model)
-        info = {"name": name, "version": version, "architecture": "linear", "synthetic": True}
-        (directory / CARD_FILE).write_text(json.dumps(card or info, indent=2) + "\n")
+        card = ModelCard(
+            name=name,
+            version=version,
+            architecture=Architecture("linear", parameters=PIXELS + 1),
+            model_file=ModelFileRecord.of(model),
+            synthetic=True,
+        )
+        card.write(directory / CARD_FILE)
 
     return publish(repository, name, write)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from serving.atomic import write_json_atomically
+from serving.contract import POSITIVE_DIGIT
 from serving.repository import DEFAULT_MODEL_NAME
 from training.data import (
     DEFAULT_DATA_DIR,
@@ -36,7 +37,6 @@ from training.data import (
 from training.models import ARCHITECTURES, Linear
 from training.plots import plot_curves, plot_weights
 from training.train import (
-    POSITIVE_DIGIT,
     Evaluation,
     TrainConfig,
     evaluate,

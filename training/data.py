@@ -15,10 +15,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from serving.contract import DIGITS
 from serving.idx import IdxError, decompress_if_gzip, parse_images, parse_labels
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parent / "data"
-DIGITS = (3, 7)
 TRAIN_IMAGES = "train-images-idx3-ubyte"
 TRAIN_LABELS = "train-labels-idx1-ubyte"
 TEST_IMAGES = "t10k-images-idx3-ubyte"

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.atomic import write_bytes_atomically
+from serving.contract import DIGITS
 from serving.idx import (
     IdxError,
     gzip_deterministically,
@@ -29,7 +30,6 @@ from serving.idx import (
 from training.data import (
     CHECKSUM_FILE,
     DEFAULT_DATA_DIR,
-    DIGITS,
     TEST_IMAGES,
     TEST_LABELS,
     TRAIN_IMAGES,

@@ -1,10 +1,8 @@
 """Export a trained 3-vs-7 classifier as the self-describing ONNX serving graph.
 
-The graph takes raw pixels and does its own preprocessing, so clients send bytes:
-
-    images       UINT8 [N, 28, 28]   0 = background, 255 = ink
-    probability  FLOAT [N]           P(the digit is a 7) = sigmoid(core(images / 255))
-    digit        INT64 [N]           7 where probability >= 0.5, else 3
+The graph takes raw pixels and does its own preprocessing, so clients send bytes: it has
+the inputs and outputs of the model contract (`serving.contract`), with
+probability = sigmoid(core(images / 255)).
 
 Exports use torch's current exporter (`dynamo=True`) at `OPSET_VERSION`, hold their weights
 inside the one `.onnx` file, and are reproducible: the same model and metadata give the same
@@ -26,18 +24,20 @@ import onnx
 import torch
 from torch import nn
 
-from training.models import PIXELS
+from serving.contract import (
+    BATCH_DIMENSION,
+    DECISION_THRESHOLD,
+    DIGIT,
+    IMAGE_SIDE,
+    IMAGES,
+    NEGATIVE_DIGIT,
+    PIXELS,
+    POSITIVE_DIGIT,
+    PROBABILITY,
+)
 
 OPSET_VERSION = 20
 """ONNX opset of every export: torch 2.13's default, run by onnxruntime >= 1.17."""
-
-INPUT_NAME = "images"
-PROBABILITY_OUTPUT = "probability"
-DIGIT_OUTPUT = "digit"
-BATCH_DIMENSION = "N"
-IMAGE_SIDE = 28
-POSITIVE_DIGIT = 7
-NEGATIVE_DIGIT = 3
 
 EXPORTING_LIBRARIES = ("torch", "onnx", "onnxscript")
 
@@ -63,7 +63,7 @@ class ServingModel(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pixels = images.flatten(1).to(torch.float32) / 255.0
         probability = torch.sigmoid(self.core(pixels))
-        digit = torch.where(probability >= 0.5, POSITIVE_DIGIT, NEGATIVE_DIGIT)
+        digit = torch.where(probability >= DECISION_THRESHOLD, POSITIVE_DIGIT, NEGATIVE_DIGIT)
         return probability, digit.to(torch.int64)
 
 
@@ -125,8 +125,8 @@ def export_onnx(core: nn.Module) -> onnx.ModelProto:
                 external_data=False,
                 verbose=False,
                 opset_version=OPSET_VERSION,
-                input_names=[INPUT_NAME],
-                output_names=[PROBABILITY_OUTPUT, DIGIT_OUTPUT],
+                input_names=[IMAGES.name],
+                output_names=[PROBABILITY.name, DIGIT.name],
                 dynamic_shapes=({0: BATCH_DIMENSION},),
             )
     except Exception as error:
@@ -152,8 +152,9 @@ def finalize(model: onnx.ModelProto, metadata: ModelMetadata) -> bytes:
     stamped.model_version = metadata.model_version
     stamped.doc_string = (
         f"mnist37 {metadata.model_name} v{metadata.model_version} ({metadata.architecture}): "
-        f"{INPUT_NAME} UINT8 [N,28,28] raw pixels -> {PROBABILITY_OUTPUT} FLOAT [N] P(7), "
-        f"{DIGIT_OUTPUT} INT64 [N] 3 or 7"
+        f"{IMAGES.name} {IMAGES.datatype} [N,{IMAGE_SIDE},{IMAGE_SIDE}] raw pixels -> "
+        f"{PROBABILITY.name} FLOAT [N] P({POSITIVE_DIGIT}), "
+        f"{DIGIT.name} {DIGIT.datatype} [N] {NEGATIVE_DIGIT} or {POSITIVE_DIGIT}"
     )
     check_model(stamped)
     return stamped.SerializeToString(deterministic=True)

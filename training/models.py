@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PIXELS = 28 * 28
+from serving.contract import PIXELS
+
 ARCHITECTURES = ("linear", "mlp")
 
 

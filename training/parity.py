@@ -14,7 +14,8 @@ import numpy as np
 import onnxruntime
 import torch
 
-from training.export import DIGIT_OUTPUT, INPUT_NAME, PROBABILITY_OUTPUT, ServingModel
+from serving.contract import IMAGE_SIDE, IMAGES, OUTPUT_NAMES
+from training.export import ServingModel
 
 TOLERANCE = 1e-5
 """Largest allowed |probability(onnxruntime) - probability(PyTorch)| for any image."""
@@ -97,7 +98,7 @@ def measure_parity(
     rng = np.random.default_rng(seed)
     image_sets = [("test set", _as_images(test_images))]
     for size in random_batch_sizes:
-        batch = rng.integers(0, 256, size=(size, 28, 28), dtype=np.uint8)
+        batch = rng.integers(0, 256, size=(size, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
         image_sets.append((f"random uint8 batch of {size}", batch))
     checks = tuple(
         _compare(serving_model, session, description, images) for description, images in image_sets
@@ -125,9 +126,7 @@ def _compare(
 ) -> ParityCheck:
     with torch.inference_mode():
         torch_probability, torch_digit = serving_model(torch.from_numpy(images))
-    onnx_probability, onnx_digit = session.run(
-        [PROBABILITY_OUTPUT, DIGIT_OUTPUT], {INPUT_NAME: images}
-    )
+    onnx_probability, onnx_digit = session.run(list(OUTPUT_NAMES), {IMAGES.name: images})
     difference = np.abs(onnx_probability.astype(np.float64) - torch_probability.double().numpy())
     return ParityCheck(
         images=description,
@@ -147,8 +146,9 @@ def _session(onnx_model: bytes) -> onnxruntime.InferenceSession:
 
 def _as_images(images: np.ndarray) -> np.ndarray:
     images = np.ascontiguousarray(images)
-    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
+    if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGES.shape[1:]:
         raise ValueError(
-            f"test images must be uint8 [N, 28, 28]; got {images.dtype} {list(images.shape)}"
+            f"test images must be uint8 [N, {IMAGE_SIDE}, {IMAGE_SIDE}]; "
+            f"got {images.dtype} {list(images.shape)}"
         )
     return images

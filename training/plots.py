@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from serving.contract import IMAGE_SIDE
 from training.train import EpochStats
 
 matplotlib.use("Agg")  # files only: no display needed, none assumed
@@ -50,7 +51,7 @@ def plot_curves(history: Sequence[EpochStats], path: Path) -> None:
 
 def plot_weights(weights: np.ndarray, path: Path) -> None:
     """The 784 pixel weights as a 28x28 map: red pixels vote 7, blue pixels vote 3."""
-    image = np.asarray(weights, dtype=np.float64).reshape(28, 28)
+    image = np.asarray(weights, dtype=np.float64).reshape(IMAGE_SIDE, IMAGE_SIDE)
     limit = float(np.abs(image).max()) or 1.0
     figure, axes = plt.subplots(figsize=(5, 4.4))
     shown = axes.imshow(image, cmap="RdBu_r", vmin=-limit, vmax=limit)

@@ -7,7 +7,6 @@ check on the exact bytes it ships; any failure leaves the repository untouched.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -19,20 +18,19 @@ import onnx
 import onnxruntime
 from torch import nn
 
-from serving.atomic import write_json_atomically
+from serving.contract import BATCH_DIMENSION, IMAGES, OUTPUTS
 from serving.repository import (
     CARD_FILE,
     DEFAULT_MODEL_NAME,
     MODEL_FILE,
+    Architecture,
+    ModelCard,
+    ModelFileRecord,
     ModelVersion,
     publish,
 )
 from training.export import (
-    BATCH_DIMENSION,
-    DIGIT_OUTPUT,
-    INPUT_NAME,
     OPSET_VERSION,
-    PROBABILITY_OUTPUT,
     ModelMetadata,
     ServingModel,
     export_onnx,
@@ -43,7 +41,6 @@ from training.parity import check_parity
 
 CHECKPOINT_FILE = "checkpoint.pt"
 METRICS_FILE = "metrics.json"
-CARD_SCHEMA_VERSION = 1
 
 
 class PublishError(ValueError):
@@ -151,8 +148,7 @@ def publish_model(
         onnx_bytes = finalize(exported, metadata)
         parity = check_parity(serving_model, onnx_bytes, test_images)
         (staging / MODEL_FILE).write_bytes(onnx_bytes)
-        card = model_card(metadata, record, model, onnx_bytes, parity.as_dict())
-        write_json_atomically(staging / CARD_FILE, card)
+        model_card(metadata, record, model, onnx_bytes, parity.as_dict()).write(staging / CARD_FILE)
 
     return publish(repository, model_name, write_version)
 
@@ -163,40 +159,32 @@ def model_card(
     model: nn.Module,
     onnx_bytes: bytes,
     parity: Mapping[str, object],
-) -> dict:
-    """The `model.json` of a version (schema in the README)."""
-    return {
-        "schema_version": CARD_SCHEMA_VERSION,
-        "name": metadata.model_name,
-        "version": metadata.model_version,
-        "architecture": {
-            "name": record.architecture,
-            "hidden_units": record.hidden_units,
-            "parameters": sum(p.numel() for p in model.parameters()),
-        },
-        "created_at": record.created_at,
-        "published_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "training": {
+) -> ModelCard:
+    """The model card of a version (schema in the README)."""
+    return ModelCard(
+        name=metadata.model_name,
+        version=metadata.model_version,
+        architecture=Architecture(
+            name=record.architecture,
+            hidden_units=record.hidden_units,
+            parameters=sum(p.numel() for p in model.parameters()),
+        ),
+        created_at=record.created_at,
+        published_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        training={
             "run_dir": str(record.run_dir) if record.run_dir else None,
             "seed": record.seed,
             "data_checksums": dict(record.data_checksums),
         },
-        "metrics": {"test": dict(record.test_metrics)},
-        "model_file": {
-            "name": MODEL_FILE,
-            "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
-            "bytes": len(onnx_bytes),
-        },
-        "onnx": {
+        metrics={"test": dict(record.test_metrics)},
+        model_file=ModelFileRecord.of(onnx_bytes),
+        onnx={
             "opset": OPSET_VERSION,
-            "inputs": [{"name": INPUT_NAME, "datatype": "UINT8", "shape": [-1, 28, 28]}],
-            "outputs": [
-                {"name": PROBABILITY_OUTPUT, "datatype": "FP32", "shape": [-1]},
-                {"name": DIGIT_OUTPUT, "datatype": "INT64", "shape": [-1]},
-            ],
+            "inputs": [IMAGES.as_json()],
+            "outputs": [output.as_json() for output in OUTPUTS],
             "batch_dimension": BATCH_DIMENSION,
             "metadata": metadata.as_properties(),
         },
-        "parity": dict(parity),
-        "libraries": {**exporting_versions(), "onnxruntime": onnxruntime.__version__},
-    }
+        parity=dict(parity),
+        libraries={**exporting_versions(), "onnxruntime": onnxruntime.__version__},
+    )

@@ -33,6 +33,7 @@ import onnxruntime
 from torch import nn
 
 from serving.atomic import write_bytes_atomically, write_json_atomically
+from serving.contract import DIGIT, IMAGES, POSITIVE_DIGIT
 from serving.repository import (
     DEFAULT_MODEL_NAME,
     ModelVersion,
@@ -52,8 +53,6 @@ from training.cli import (
 )
 from training.data import DataError, Mnist37Data, load_dataset
 from training.export import (
-    DIGIT_OUTPUT,
-    INPUT_NAME,
     ExportError,
     ModelMetadata,
     export_onnx,
@@ -61,7 +60,7 @@ from training.export import (
 )
 from training.parity import ParityError
 from training.publish import PublishError, TrainingRecord, publish_model, read_training_record
-from training.train import POSITIVE_DIGIT, load_checkpoint
+from training.train import load_checkpoint
 
 EXIT_PUBLISHED = 0
 EXIT_ERROR = 1
@@ -309,7 +308,7 @@ def score_onnx(model: bytes | Path, images: np.ndarray, labels: np.ndarray) -> S
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = 1
     session = onnxruntime.InferenceSession(source, options, providers=["CPUExecutionProvider"])
-    (digits,) = session.run([DIGIT_OUTPUT], {INPUT_NAME: images})
+    (digits,) = session.run([DIGIT.name], {IMAGES.name: images})
     truth, predicted = labels == POSITIVE_DIGIT, digits == POSITIVE_DIGIT
     correct = int(np.sum(digits == labels))
     return Score(

@@ -18,10 +18,8 @@ from torch import nn
 from tqdm import tqdm
 
 from serving.atomic import write_bytes_atomically
+from serving.contract import DECISION_THRESHOLD, IMAGE_SIDE, POSITIVE_DIGIT
 from training.models import build_model
-
-POSITIVE_DIGIT = 7
-NEGATIVE_DIGIT = 3
 
 
 @dataclass(frozen=True)
@@ -67,7 +65,7 @@ def mnist_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def predicts_seven(logits: torch.Tensor) -> torch.Tensor:
-    return torch.sigmoid(logits) >= 0.5
+    return torch.sigmoid(logits) >= DECISION_THRESHOLD
 
 
 def batch_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -112,7 +110,7 @@ def shift_randomly(
     """
     if max_shift == 0:
         return pixels
-    count, side, reach = len(pixels), 28, 2 * max_shift + 1
+    count, side, reach = len(pixels), IMAGE_SIDE, 2 * max_shift + 1
     padded = F.pad(pixels.view(count, side, side), (max_shift,) * 4)
     top = torch.randint(0, reach, (count, 1, 1), generator=generator)
     left = torch.randint(0, reach, (count, 1, 1), generator=generator)

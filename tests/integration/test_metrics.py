@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Histogram
 
 from serving.config import ServerConfig
 from serving.dataplane import DataPlane
-from serving.edge import RpcCall
+from serving.edge import EdgeState, RpcCall
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -193,11 +193,11 @@ def test_every_error_kind_is_counted_with_bounded_labels(model_repository, test_
                 grpc.StatusCode.INTERNAL
             )
             del server.dataplane.infer
-            server.dataplane.accepting = False
+            server.edge.accepting = False
             assert await status_of(oip.ModelInfer(infer_request(images))) == (
                 grpc.StatusCode.UNAVAILABLE
             )
-            server.dataplane.accepting = True
+            server.edge.accepting = True
 
             def requests(rpc: str, model: str, version: str, code: str) -> float:
                 labels = {"rpc": rpc, "model": model, "version": version, "code": code}
@@ -218,7 +218,7 @@ def test_every_error_kind_is_counted_with_bounded_labels(model_repository, test_
             assert value(server, "mnist37_probability_count", model="mnist37", version="2") == 0
             assert value(server, "mnist37_batch_size_count", model="mnist37") == 0
             assert value(server, "mnist37_inflight_requests") == 0
-            assert server.dataplane.in_flight == 0
+            assert server.edge.in_flight == 0
             # the Triton statistics count both APIs' requests refused after resolving (the
             # wrong datatype, the bad PNG), nothing else
             statistics = await oip.ModelStatistics(pb.ModelStatisticsRequest(name="mnist37"))
@@ -299,20 +299,20 @@ def test_sixteen_concurrent_single_images_form_batches(model_repository, test_di
 )
 def test_rpc_edge_maps_every_exception_to_one_counted_code(raised, remaining, code):
     observer = PrometheusObserver()
-    dataplane = DataPlane(ModelRegistry(), 10, observer)
+    dataplane, edge = DataPlane(ModelRegistry(), 10, observer), EdgeState()
     context = FakeContext(remaining)
 
     async def scenario() -> None:
-        async with RpcCall(dataplane, "ModelInfer", context, inference=True) as call:
+        async with RpcCall(dataplane, edge, "ModelInfer", context, inference=True) as call:
             call.name_model("anything")
-            assert dataplane.in_flight == 1
+            assert edge.in_flight == 1
             raise raised
 
     with pytest.raises((asyncio.CancelledError, grpc.aio.AbortError)):
         run(scenario)
     labels = {"rpc": "ModelInfer", "model": "_unknown", "version": "", "code": code}
     assert observer.registry.get_sample_value("mnist37_requests_total", labels) == 1
-    assert dataplane.in_flight == 0
+    assert edge.in_flight == 0
     if not isinstance(raised, asyncio.CancelledError):
         assert context.aborted is not None and context.aborted[0].name == code
 
@@ -322,11 +322,10 @@ def test_rpc_edge_maps_every_exception_to_one_counted_code(raised, remaining, co
     [(True, "cancelled by the client"), (False, "cancelled while the server was stopping")],
 )
 def test_a_cancellation_is_logged_with_who_cancelled(accepting, details, caplog):
-    dataplane = DataPlane(ModelRegistry(), 10)
-    dataplane.accepting = accepting
+    dataplane, edge = DataPlane(ModelRegistry(), 10), EdgeState(accepting=accepting)
 
     async def scenario() -> None:
-        async with RpcCall(dataplane, "ModelInfer", FakeContext(5.0), inference=True):
+        async with RpcCall(dataplane, edge, "ModelInfer", FakeContext(5.0), inference=True):
             raise asyncio.CancelledError()
 
     with (
@@ -337,6 +336,23 @@ def test_a_cancellation_is_logged_with_who_cancelled(accepting, details, caplog)
     assert [record.getMessage() for record in caplog.records] == [
         f"ModelInfer failed: CANCELLED: {details}"
     ]
+
+
+def test_inference_rpcs_are_refused_once_the_drain_stops_accepting(model_repository):
+    async def scenario() -> None:
+        async with running_server(model_repository) as server:
+            edge, context = EdgeState(accepting=False), FakeContext()
+            with pytest.raises(grpc.aio.AbortError):
+                async with RpcCall(
+                    server.dataplane, edge, "ModelInfer", context, inference=True
+                ) as call:
+                    call.resolve("mnist37")
+            assert context.aborted == (grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            assert edge.in_flight == 0
+            async with RpcCall(server.dataplane, edge, "ModelReady", FakeContext()) as call:
+                assert call.resolve("mnist37").name == "mnist37"  # not an inference RPC
+
+    run(scenario)
 
 
 def test_a_request_whose_deadline_passes_while_computing_counts_as_deadline_exceeded(
@@ -370,12 +386,12 @@ def test_an_invalid_request_counts_as_failed_once_for_a_resolved_model(model_rep
         async with running_server(model_repository) as server:
             model = server.registry.resolve("mnist37")
             registry.swap([model])
-            dataplane = DataPlane(registry, 10)
+            dataplane, edge = DataPlane(registry, 10), EdgeState()
             before = model.stats.fail.count
             for inference, resolve in [(True, True), (True, False), (False, True)]:
                 with pytest.raises(grpc.aio.AbortError):
                     async with RpcCall(
-                        dataplane, "ModelInfer", FakeContext(), inference=inference
+                        dataplane, edge, "ModelInfer", FakeContext(), inference=inference
                     ) as call:
                         if resolve:
                             call.resolve("mnist37")

@@ -17,6 +17,7 @@ from PIL import Image
 
 from serving import classifier
 from serving.dataplane import DataPlane
+from serving.edge import EdgeState
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
@@ -65,7 +66,7 @@ def slow(monkeypatch) -> SlowDecodes:
 
 def servicer(threads: int = 1) -> classifier.ClassifierServicer:
     return classifier.ClassifierServicer(
-        DataPlane(ModelRegistry(), 4096), PngLimits(), ThreadPoolExecutor(threads)
+        DataPlane(ModelRegistry(), 4096), EdgeState(), PngLimits(), ThreadPoolExecutor(threads)
     )
 
 

@@ -30,6 +30,7 @@ from serving import classifier
 from serving.client import Mnist37Client
 from serving.config import ServerConfig
 from serving.dataplane import DataPlane
+from serving.edge import EdgeState
 from serving.errors import ModelNotFound
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -245,7 +246,7 @@ def test_classify_never_uses_a_version_retired_while_its_pngs_decode(
     async def scenario():
         await harness.reloader.reload()
         first = harness.registry.resolve(MODEL)
-        servicer = classifier.ClassifierServicer(DataPlane(harness.registry, 64))
+        servicer = classifier.ClassifierServicer(DataPlane(harness.registry, 64), EdgeState())
         answer = asyncio.create_task(servicer.Classify(request, FakeContext()))
         assert await asyncio.to_thread(decoding.wait, 10)
         harness.publish(random_linear_model(seed=2))

@@ -147,12 +147,12 @@ def test_first_candidate_is_published_as_version_1(first) -> None:
     assert summary["current_version"] is None and summary["current_accuracy"] is None
     assert summary["reason"] is None
     assert summary["report"] == str((work_dir / REPORT_FILE).resolve())
-    assert [v.version for v in list_versions(repository, "mnist37")] == [1]
+    (published,) = list_versions(repository, "mnist37")
+    assert published.version == 1
     report = read_report(work_dir)
     assert report["decision"] == "published" and report["published"]["version"] == 1
     assert report["candidate"]["gate_score"]["count"] == 2038
-    card = json.loads((repository / "mnist37" / "1" / "model.json").read_text())
-    assert card["training"]["run_dir"] == report["candidate"]["run_dir"]
+    assert published.read_card().training["run_dir"] == report["candidate"]["run_dir"]
 
 
 def test_weak_candidate_is_rejected_and_the_served_version_is_unchanged(first) -> None:

@@ -15,10 +15,16 @@ import pytest
 import torch
 from helpers import REPO_ROOT
 
-from serving.repository import CARD_FILE, MODEL_FILE, list_versions
+from serving.contract import BATCH_DIMENSION
+from serving.repository import (
+    CARD_FILE,
+    MODEL_FILE,
+    Architecture,
+    ModelFileRecord,
+    list_versions,
+)
 from training.data import load_dataset
 from training.export import (
-    BATCH_DIMENSION,
     OPSET_VERSION,
     ExportError,
     ModelMetadata,
@@ -258,20 +264,26 @@ def test_publish_run_publishes_a_complete_self_describing_version(run_dir, tmp_p
 
     onnx_bytes = first.model_path.read_bytes()
     card = first.read_card()
-    assert card["name"] == "mnist37" and card["version"] == 1
-    assert card["architecture"] == {"name": "linear", "hidden_units": None, "parameters": 785}
-    assert card["created_at"] == CREATED_AT
-    assert card["metrics"]["test"]["accuracy"] == 0.95
-    assert card["training"]["data_checksums"] == data.checksums
-    assert card["model_file"] == {
-        "name": MODEL_FILE,
-        "sha256": hashlib.sha256(onnx_bytes).hexdigest(),
-        "bytes": len(onnx_bytes),
-    }
-    assert card["parity"]["max_abs_probability_diff"] <= TOLERANCE
-    assert card["parity"]["digit_mismatches"] == 0
-    assert card["parity"]["images_compared"] == len(data.test_images) + 1008
-    assert card["onnx"]["metadata"] == read_metadata(onnx_bytes)
+    assert card.name == "mnist37" and card.version == 1 and card.schema_version == 1
+    assert card.architecture == Architecture("linear", hidden_units=None, parameters=785)
+    assert card.created_at == CREATED_AT
+    assert card.test_accuracy == 0.95
+    assert card.training["data_checksums"] == data.checksums
+    assert card.model_file == ModelFileRecord(
+        sha256=hashlib.sha256(onnx_bytes).hexdigest(), bytes=len(onnx_bytes), name=MODEL_FILE
+    )
+    assert card.parity["max_abs_probability_diff"] <= TOLERANCE
+    assert card.parity["digit_mismatches"] == 0
+    assert card.parity["images_compared"] == len(data.test_images) + 1008
+    assert card.onnx["metadata"] == read_metadata(onnx_bytes)
+    # The file keeps the schema it has always had: every key, none added.
+    assert sorted(json.loads(first.card_path.read_text())) == [
+        "architecture", "created_at", "libraries", "metrics", "model_file", "name", "onnx",
+        "parity", "published_at", "schema_version", "training", "version",
+    ]  # fmt: skip
+    assert json.loads(first.card_path.read_text())["onnx"]["inputs"] == [
+        {"name": "images", "datatype": "UINT8", "shape": [-1, 28, 28]}
+    ]
     assert read_metadata(onnx_bytes)["model_version"] == "1"
     assert read_metadata(other.model_path.read_bytes())["model_name"] == "candidate"
     assert read_metadata(other.model_path) == read_metadata(str(other.model_path))

@@ -1,4 +1,5 @@
-"""The model repository: layout, atomic and concurrent publishing, and `mnist37-models`.
+"""The model repository: layout, atomic and concurrent publishing, the model card, and
+`mnist37-models`.
 
 Torch-free, like the serving side it belongs to.
 """
@@ -20,7 +21,11 @@ from helpers import REPO_ROOT
 from serving.atomic import write_json_atomically
 from serving.repository import (
     CARD_FILE,
+    CARD_SCHEMA_VERSION,
     MODEL_FILE,
+    Architecture,
+    ModelCard,
+    ModelFileRecord,
     RepositoryError,
     latest_version,
     list_models,
@@ -28,23 +33,20 @@ from serving.repository import (
     publish,
 )
 from serving.repository_cli import main as models_main
+from serving.synthetic import publish_model, random_linear_model
 
 
 def write_fake_version(staging: Path, version: int, content: bytes = b"onnx bytes") -> None:
     (staging / MODEL_FILE).write_bytes(content)
-    card = {
-        "name": "mnist37",
-        "version": version,
-        "architecture": {"name": "linear"},
-        "created_at": "2025-01-02T03:04:05+00:00",
-        "metrics": {"test": {"accuracy": 0.97}},
-        "model_file": {
-            "name": MODEL_FILE,
-            "sha256": hashlib.sha256(content).hexdigest(),
-            "bytes": len(content),
-        },
-    }
-    write_json_atomically(staging / CARD_FILE, card)
+    card = ModelCard(
+        name="mnist37",
+        version=version,
+        architecture=Architecture("linear"),
+        created_at="2025-01-02T03:04:05+00:00",
+        metrics={"test": {"accuracy": 0.97}},
+        model_file=ModelFileRecord.of(content),
+    )
+    card.write(staging / CARD_FILE)
 
 
 def visible_entries(model_dir: Path) -> list[str]:
@@ -61,7 +63,7 @@ def test_versions_count_up_from_one_per_model(tmp_path):
     assert list_versions(tmp_path, "mnist37") == published
     assert latest_version(tmp_path, "mnist37") == published[-1]
     assert published[1].path == tmp_path / "mnist37" / "2"
-    assert published[1].read_card()["version"] == 2
+    assert published[1].read_card().version == 2
     assert oct(published[0].card_path.stat().st_mode & 0o777) == oct(0o644)
     assert oct(published[0].path.stat().st_mode & 0o777) == oct(0o755)
 
@@ -247,3 +249,131 @@ def test_the_listing_command_runs_without_torch(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "mnist37  1" in result.stdout
+
+
+# A card as training/publish.py writes it (figures shortened).
+PUBLISHED_CARD = {
+    "schema_version": 1,
+    "name": "mnist37",
+    "version": 3,
+    "architecture": {"name": "mlp", "hidden_units": 30, "parameters": 23581},
+    "created_at": "2026-11-29T09:06:11+00:00",
+    "published_at": "2026-11-29T09:06:13+00:00",
+    "training": {"run_dir": None, "seed": 37, "data_checksums": {"t10k-images-idx3-ubyte": "42"}},
+    "metrics": {"test": {"accuracy": 0.98, "count": 2038, "confusion_matrix": [[1, 0], [0, 1]]}},
+    "model_file": {"name": "model.onnx", "sha256": "ab" * 32, "bytes": 8944},
+    "onnx": {
+        "opset": 20,
+        "batch_dimension": "N",
+        "inputs": [{"name": "images", "datatype": "UINT8", "shape": [-1, 28, 28]}],
+        "outputs": [
+            {"name": "probability", "datatype": "FP32", "shape": [-1]},
+            {"name": "digit", "datatype": "INT64", "shape": [-1]},
+        ],
+        "metadata": {"model_name": "mnist37", "model_version": "3"},
+    },
+    "parity": {"tolerance": 1e-05, "digit_mismatches": 0, "checks": []},
+    "libraries": {"torch": "2.13.0+cpu", "onnxruntime": "1.32.0"},
+}
+
+
+def test_a_published_card_reads_and_writes_back_byte_for_byte(tmp_path):
+    original = tmp_path / "original.json"
+    write_json_atomically(original, PUBLISHED_CARD)  # how publishing wrote cards before
+    card = ModelCard.read(original)
+    assert (card.name, card.version, card.schema_version) == ("mnist37", 3, CARD_SCHEMA_VERSION)
+    assert card.architecture == Architecture("mlp", hidden_units=30, parameters=23581)
+    assert card.architecture_name == "mlp"
+    assert card.test_accuracy == 0.98
+    assert card.model_file == ModelFileRecord("ab" * 32, 8944)
+    assert card.training["seed"] == 37 and card.onnx["opset"] == 20
+    assert not card.synthetic
+    rewritten = tmp_path / "rewritten.json"
+    card.write(rewritten)
+    assert rewritten.read_bytes() == original.read_bytes()
+    assert ModelCard.read(rewritten) == card
+
+
+def test_a_card_with_a_plain_string_architecture_is_read():
+    legacy = {"name": "mnist37", "version": 1, "architecture": "linear", "synthetic": True}
+    card = ModelCard.from_json(legacy)
+    assert card.architecture == Architecture("linear") and card.architecture_name == "linear"
+    assert card.synthetic and card.schema_version is None
+
+
+def test_a_card_missing_optional_fields_reads_them_as_none():
+    card = ModelCard.from_json({})
+    assert card == ModelCard(schema_version=None)
+    assert (card.name, card.version, card.architecture_name, card.test_accuracy) == (None,) * 4
+    assert card.model_file is None and card.created_at is None and card.as_json() == {}
+    assert ModelCard.from_json({"metrics": {"test": {"loss": 0.1}}}).test_accuracy is None
+    assert ModelCard.from_json({"architecture": {"name": "linear"}}).architecture == (
+        Architecture("linear")
+    )
+    assert ModelCard.from_json({"model_file": {"bytes": 3}}).model_file == ModelFileRecord(
+        None, 3, MODEL_FILE
+    )
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("[1, 2]", r"model card .*model\.json is not a JSON object"),
+        ('"linear"', "is not a JSON object"),
+        ("null", "is not a JSON object"),
+        ("{not json", r"cannot read model card .*model\.json"),
+        ('{"version": "2"}', 'version is "2", not an integer'),
+        ('{"version": true}', "version is true, not an integer"),
+        ('{"architecture": 5}', "architecture is 5, not an object or a string"),
+        ('{"architecture": {"hidden_units": "30"}}', "architecture.hidden_units is"),
+        ('{"metrics": {"test": {"accuracy": "high"}}}', "metrics.test.accuracy is"),
+        ('{"metrics": {"test": []}}', "metrics.test is"),
+        ('{"model_file": {"sha256": 12}}', "model_file.sha256 is 12, not a string"),
+        ('{"training": "yesterday"}', "training is"),
+    ],
+)
+def test_a_malformed_card_is_a_repository_error(tmp_path, content, message):
+    path = tmp_path / CARD_FILE
+    path.write_text(content)
+    with pytest.raises(RepositoryError, match=message):
+        ModelCard.read(path)
+
+
+def test_a_missing_card_is_a_repository_error(tmp_path):
+    with pytest.raises(RepositoryError, match="cannot read model card"):
+        ModelCard.read(tmp_path / CARD_FILE)
+
+
+def test_models_list_shows_synthetic_models(tmp_path, capsys):
+    version = publish_model(tmp_path, "mnist37", random_linear_model())
+    card = version.read_card()
+    assert card.synthetic and card.architecture == Architecture("linear", parameters=785)
+    assert card.model_file == ModelFileRecord.of(version.model_path.read_bytes())
+    assert models_main(["list", "--repository", str(tmp_path)]) == 0
+    row = capsys.readouterr().out.splitlines()[1].split()
+    assert row[:3] == ["mnist37", "1", "linear"] and row[-1] == "ok"
+
+
+def test_models_list_reports_cards_of_older_synthetic_models_without_a_traceback(tmp_path, capsys):
+    version = publish_model(tmp_path, "mnist37", random_linear_model())
+    # what serving.synthetic wrote before it shared the card writer
+    legacy = {"name": "mnist37", "version": 1, "architecture": "linear", "synthetic": True}
+    version.card_path.write_text(json.dumps(legacy))
+    assert models_main(["list", "--repository", str(tmp_path), "--json"]) == 1
+    captured = capsys.readouterr()
+    (entry,) = json.loads(captured.out)
+    assert entry["architecture"] == "linear" and entry["sha256"] is None
+    assert entry["problems"] == [
+        f"{version.model_path} has sha256 "
+        f"{hashlib.sha256(version.model_path.read_bytes()).hexdigest()}, the card records none"
+    ]
+    assert "Traceback" not in captured.err
+
+
+def test_models_list_reports_a_malformed_card_as_damaged(tmp_path, capsys):
+    version = publish(tmp_path, "mnist37", write_fake_version)
+    version.card_path.write_text('{"architecture": {"name": 7}}')
+    assert models_main(["list", "--repository", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert "DAMAGED" in captured.out
+    assert "architecture.name is 7, not a string" in captured.err
