@@ -46,3 +46,12 @@ DIGIT = TensorSpec("digit", "INT64", (-1,))
 OUTPUTS = (PROBABILITY, DIGIT)
 OUTPUT_NAMES = tuple(output.name for output in OUTPUTS)
 OUTPUT_DATATYPES = {output.name: output.datatype for output in OUTPUTS}
+
+# The explanation graph (`explanation.onnx`, next to `model.onnx`): the same `images` in;
+# each pixel's vote (pixel x its weight, in [0, 1] pixel units), the bias term, the logit
+# (votes + bias term), P(7) and the digit out. Exact for both architectures.
+CONTRIBUTIONS = TensorSpec("contributions", "FP32", (-1, IMAGE_SIDE, IMAGE_SIDE))
+BIAS_TERM = TensorSpec("bias_term", "FP32", (-1,))
+LOGIT = TensorSpec("logit", "FP32", (-1,))
+EXPLANATION_OUTPUTS = (CONTRIBUTIONS, BIAS_TERM, LOGIT, PROBABILITY, DIGIT)
+EXPLANATION_OUTPUT_NAMES = tuple(output.name for output in EXPLANATION_OUTPUTS)

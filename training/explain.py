@@ -34,36 +34,32 @@ import onnxruntime
 import torch
 from torch import nn
 
-from training.export import (
+from serving.contract import (
     BATCH_DIMENSION,
+    BIAS_TERM,
+    CONTRIBUTIONS,
+    DIGIT,
+    EXPLANATION_OUTPUT_NAMES,
     IMAGE_SIDE,
-    INPUT_NAME,
+    IMAGES,
+    LOGIT,
     NEGATIVE_DIGIT,
-    OPSET_VERSION,
+    PIXELS,
     POSITIVE_DIGIT,
+    PROBABILITY,
+)
+from training.export import (
+    OPSET_VERSION,
     ExportError,
     ModelMetadata,
     ServingModel,
-    _drop_location_metadata,
-    _quiet_exporter,
     check_model,
+    drop_location_metadata,
     finalize,
+    quiet_exporter,
 )
-from training.models import MLP, PIXELS, Linear
-from training.parity import RANDOM_BATCH_SIZES, RANDOM_SEED, _as_images
-
-CONTRIBUTIONS_OUTPUT = "contributions"
-BIAS_TERM_OUTPUT = "bias_term"
-LOGIT_OUTPUT = "logit"
-PROBABILITY_OUTPUT = "probability"
-DIGIT_OUTPUT = "digit"
-EXPLANATION_OUTPUTS = (
-    CONTRIBUTIONS_OUTPUT,
-    BIAS_TERM_OUTPUT,
-    LOGIT_OUTPUT,
-    PROBABILITY_OUTPUT,
-    DIGIT_OUTPUT,
-)
+from training.models import MLP, Linear
+from training.parity import RANDOM_BATCH_SIZES, RANDOM_SEED, as_images
 
 # Limits on `relative_gap` (absolute up to 1, relative beyond), for any image:
 ADDITIVITY_TOLERANCE = 1e-4
@@ -76,10 +72,10 @@ GRADIENT_TOLERANCE = 1e-4
 """Every contribution against autograd's gradient x input for its pixel."""
 
 EXPLANATION_DOC = (
-    f"mnist37 explanation: {INPUT_NAME} UINT8 [N,28,28] raw pixels -> "
-    f"{CONTRIBUTIONS_OUTPUT} FLOAT [N,28,28] each pixel's vote (pixel x weight), "
-    f"{BIAS_TERM_OUTPUT} FLOAT [N], {LOGIT_OUTPUT} FLOAT [N] = sum of votes + bias term, "
-    f"{PROBABILITY_OUTPUT} FLOAT [N] P(7), {DIGIT_OUTPUT} INT64 [N] 3 or 7"
+    f"mnist37 explanation: {IMAGES.name} UINT8 [N,28,28] raw pixels -> "
+    f"{CONTRIBUTIONS.name} FLOAT [N,28,28] each pixel's vote (pixel x weight), "
+    f"{BIAS_TERM.name} FLOAT [N], {LOGIT.name} FLOAT [N] = sum of votes + bias term, "
+    f"{PROBABILITY.name} FLOAT [N] P(7), {DIGIT.name} INT64 [N] 3 or 7"
 )
 
 _QUIET = 3  # onnxruntime log severity: errors only
@@ -188,7 +184,7 @@ def export_explanation(core: nn.Module) -> onnx.ModelProto:
     explanation_model = ExplanationModel(core).eval()
     example = torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.onnx.export(
                 explanation_model,
                 (example,),
@@ -196,8 +192,8 @@ def export_explanation(core: nn.Module) -> onnx.ModelProto:
                 external_data=False,
                 verbose=False,
                 opset_version=OPSET_VERSION,
-                input_names=[INPUT_NAME],
-                output_names=list(EXPLANATION_OUTPUTS),
+                input_names=[IMAGES.name],
+                output_names=list(EXPLANATION_OUTPUT_NAMES),
                 dynamic_shapes=({0: BATCH_DIMENSION},),
             )
     except Exception as error:
@@ -207,7 +203,7 @@ def export_explanation(core: nn.Module) -> onnx.ModelProto:
     if program is None:
         raise ExplanationError("torch.onnx.export returned no ONNX program")
     model = program.model_proto
-    _drop_location_metadata(model)
+    drop_location_metadata(model)
     model.doc_string = EXPLANATION_DOC
     check_model(model)
     return model
@@ -312,7 +308,7 @@ def measure_explanation(
     """Run the graph on `images` and seeded random uint8 batches; compare with torch."""
     session = _session(graph_bytes)
     rng = np.random.default_rng(seed)
-    image_sets = [("test set", _as_images(images))]
+    image_sets = [("test set", as_images(images))]
     for size in random_batch_sizes:
         batch = rng.integers(0, 256, size=(size, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
         image_sets.append((f"random uint8 batch of {size}", batch))
@@ -353,7 +349,7 @@ def _compare(
     description: str,
     images: np.ndarray,
 ) -> ExplanationCheck:
-    outputs = session.run(list(EXPLANATION_OUTPUTS), {INPUT_NAME: images})
+    outputs = session.run(list(EXPLANATION_OUTPUT_NAMES), {IMAGES.name: images})
     _check_outputs(outputs, len(images))
     contributions, bias, logit, probability, digit = outputs
     with torch.inference_mode():
@@ -406,11 +402,11 @@ def _compare(
 def _check_outputs(outputs: list[np.ndarray], count: int) -> None:
     """Raise ExplanationError unless the outputs have the contract's dtypes and shapes."""
     expected = {
-        CONTRIBUTIONS_OUTPUT: (np.float32, (count, IMAGE_SIDE, IMAGE_SIDE)),
-        BIAS_TERM_OUTPUT: (np.float32, (count,)),
-        LOGIT_OUTPUT: (np.float32, (count,)),
-        PROBABILITY_OUTPUT: (np.float32, (count,)),
-        DIGIT_OUTPUT: (np.int64, (count,)),
+        CONTRIBUTIONS.name: (np.float32, (count, IMAGE_SIDE, IMAGE_SIDE)),
+        BIAS_TERM.name: (np.float32, (count,)),
+        LOGIT.name: (np.float32, (count,)),
+        PROBABILITY.name: (np.float32, (count,)),
+        DIGIT.name: (np.int64, (count,)),
     }
     for output, (name, (dtype, shape)) in zip(outputs, expected.items(), strict=True):
         if output.dtype != dtype or output.shape != shape:
@@ -456,9 +452,9 @@ def _session(graph_bytes: bytes) -> onnxruntime.InferenceSession:
         raise ExplanationError(f"onnxruntime cannot load the explanation graph: {error}") from error
     inputs = [tensor.name for tensor in session.get_inputs()]
     outputs = [tensor.name for tensor in session.get_outputs()]
-    if inputs != [INPUT_NAME] or outputs != list(EXPLANATION_OUTPUTS):
+    if inputs != [IMAGES.name] or outputs != list(EXPLANATION_OUTPUT_NAMES):
         raise ExplanationError(
             f"the explanation graph has inputs {inputs} and outputs {outputs}; "
-            f"expected [{INPUT_NAME!r}] and {list(EXPLANATION_OUTPUTS)}"
+            f"expected [{IMAGES.name!r}] and {list(EXPLANATION_OUTPUT_NAMES)}"
         )
     return session

@@ -117,7 +117,7 @@ def export_onnx(core: nn.Module) -> onnx.ModelProto:
     serving_model = ServingModel(core).eval()
     example = torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     try:
-        with _quiet_exporter():
+        with quiet_exporter():
             program = torch.onnx.export(
                 serving_model,
                 (example,),
@@ -137,7 +137,7 @@ def export_onnx(core: nn.Module) -> onnx.ModelProto:
     if program is None:
         raise ExportError("torch.onnx.export returned no ONNX program")
     model = program.model_proto
-    _drop_location_metadata(model)
+    drop_location_metadata(model)
     check_model(model)
     return model
 
@@ -179,7 +179,7 @@ def read_metadata(model: onnx.ModelProto | bytes | str | Path) -> dict[str, str]
     return {prop.key: prop.value for prop in model.metadata_props}
 
 
-def _drop_location_metadata(model: onnx.ModelProto) -> None:
+def drop_location_metadata(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         kept = [p for p in node.metadata_props if p.key not in _LOCATION_DEPENDENT_NODE_METADATA]
         del node.metadata_props[:]
@@ -187,7 +187,7 @@ def _drop_location_metadata(model: onnx.ModelProto) -> None:
 
 
 @contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
+def quiet_exporter() -> Iterator[None]:
     """Keep the exporter's logs and warnings out of the user's terminal (debug log only)."""
     loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
     levels = [logger.level for logger in loggers]

@@ -96,7 +96,7 @@ def measure_parity(
     """Run both models on the test images and seeded random uint8 batches; compare."""
     session = _session(onnx_model)
     rng = np.random.default_rng(seed)
-    image_sets = [("test set", _as_images(test_images))]
+    image_sets = [("test set", as_images(test_images))]
     for size in random_batch_sizes:
         batch = rng.integers(0, 256, size=(size, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8)
         image_sets.append((f"random uint8 batch of {size}", batch))
@@ -144,7 +144,7 @@ def _session(onnx_model: bytes) -> onnxruntime.InferenceSession:
     )
 
 
-def _as_images(images: np.ndarray) -> np.ndarray:
+def as_images(images: np.ndarray) -> np.ndarray:
     images = np.ascontiguousarray(images)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != IMAGES.shape[1:]:
         raise ValueError(

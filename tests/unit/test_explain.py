@@ -14,12 +14,12 @@ import torch
 from helpers import REPO_ROOT
 from PIL import Image
 
+from serving.contract import EXPLANATION_OUTPUT_NAMES
 from serving.explain_render import VOTE_PANEL_BOX, render_explanation
 from training.data import load_dataset, split_train_validation
 from training.explain import (
     ADDITIVITY_TOLERANCE,
     EXPLANATION_DOC,
-    EXPLANATION_OUTPUTS,
     GRADIENT_TOLERANCE,
     SIGMOID_TOLERANCE,
     TORCH_TOLERANCE,
@@ -116,7 +116,7 @@ def session(graph_bytes) -> onnxruntime.InferenceSession:
 def explained(session, test_digits) -> dict[str, np.ndarray]:
     """The graph's outputs for every shipped test digit, by name."""
     images, _ = test_digits
-    return dict(zip(EXPLANATION_OUTPUTS, session.run(None, {"images": images}), strict=True))
+    return dict(zip(EXPLANATION_OUTPUT_NAMES, session.run(None, {"images": images}), strict=True))
 
 
 def dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
@@ -138,7 +138,7 @@ def test_graph_has_the_explanation_names_dtypes_and_shapes(graph):
         output.name: (output.type.tensor_type.elem_type, dims(output))
         for output in graph.graph.output
     }
-    assert list(outputs) == list(EXPLANATION_OUTPUTS)
+    assert list(outputs) == list(EXPLANATION_OUTPUT_NAMES)
     assert outputs == {
         "contributions": (onnx.TensorProto.FLOAT, [BATCH_DIMENSION, 28, 28]),
         "bias_term": (onnx.TensorProto.FLOAT, [BATCH_DIMENSION]),
