@@ -18,7 +18,7 @@ from types import MappingProxyType
 
 from serving.batcher import BatchListener, DynamicBatcher
 from serving.errors import ModelNotFound
-from serving.repository import ModelCard, ModelVersion, RepositoryError, parse_version
+from serving.repository import MODEL_FILE, ModelCard, ModelVersion, parse_version
 from serving.runtime import ModelRuntime, RuntimeOptions
 from serving.stats import InferenceStats
 
@@ -141,13 +141,12 @@ def load_model_version(
     executor: Executor,
     on_batch: BatchListener | None = None,
 ) -> LoadedModel:
-    """Load, check and warm up one version (blocking: call it off the event loop)."""
-    runtime = ModelRuntime(model_version.model_path, runtime_options)
-    try:
-        card = model_version.read_card()
-    except RepositoryError as error:
-        log.warning("%s", error)  # the model still serves; only its description is missing
-        card = ModelCard()
+    """Load, check and warm up one version (blocking: call it off the event loop). Its
+    card must be readable and its `model.onnx` the file the card describes (sha256, inside
+    the repository): a version that is not what was published is not served."""
+    card = model_version.read_card()
+    model = model_version.read_verified(card, card.model_file)
+    runtime = ModelRuntime(Path(model_version.label) / MODEL_FILE, runtime_options, model)
     stats = InferenceStats()
     batcher = DynamicBatcher(
         runtime.predict,

@@ -72,7 +72,14 @@ class ModelRuntime:
     """A loaded, checked and warmed-up model. `predict` is thread-safe (onnxruntime's
     `run` is) and blocks: call it off the event loop."""
 
-    def __init__(self, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+    def __init__(
+        self,
+        model_path: Path,
+        options: RuntimeOptions = RuntimeOptions(),
+        model_bytes: bytes | None = None,
+    ) -> None:
+        """Load `model_bytes` if given (already checked by the caller; `model_path` then
+        only names the model in messages), else the file at `model_path`."""
         self.model_path = model_path
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
@@ -81,7 +88,9 @@ class ModelRuntime:
         session_options.log_severity_level = 3
         providers = requested_providers(options.device)
         self.session = ort.InferenceSession(
-            str(model_path), sess_options=session_options, providers=providers
+            model_bytes if model_bytes is not None else str(model_path),
+            sess_options=session_options,
+            providers=providers,
         )
         # onnxruntime falls back to CPU silently when a provider fails to initialise.
         self.provider = self.session.get_providers()[0]
