@@ -16,16 +16,17 @@ Exit status: 0 published, 3 rejected by the gate, 1 error, 2 usage error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -41,15 +42,8 @@ from serving.repository import (
     validate_model_name,
 )
 from serving.repository_cli import summarize_version
-from training.cli import (
-    CHECKPOINT_FILE,
-    _env,
-    _positive_int,
-    add_training_arguments,
-    config_from_args,
-    run_training,
-    summary,
-)
+from serving.settings import POSITIVE, Range, load, setting
+from training.cli import CHECKPOINT_FILE, TrainingRun, config_from_args, run_training, summary
 from training.data import DataError, Mnist37Data, load_dataset
 from training.export import (
     DIGIT_OUTPUT,
@@ -77,6 +71,7 @@ CANDIDATE_DIR = "candidate"
 CANDIDATE_MODEL_FILE = "model.onnx"
 UNPUBLISHED_VERSION = 0  # the version stamped into a candidate's model.onnx
 REPORT_SCHEMA_VERSION = 1
+UNIT_INTERVAL = Range(at_least=0, at_most=1)
 # Accuracies are counts / images; this absorbs float rounding at the gate's boundaries.
 GATE_TOLERANCE = 1e-9
 EXPECTED_ERRORS = (
@@ -199,73 +194,54 @@ class Outcome:
         }
 
 
-def _accuracy(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
-    return value
+@dataclass(frozen=True)
+class RetrainSettings(TrainingRun):
+    """Train a candidate, compare it with the latest published version on the held-out
+    test images, and publish it only if it passes the gate. Exit status: 0 published,
+    3 rejected by the gate, 1 error, 2 usage error."""
+
+    prog: ClassVar[str] = "mnist37-retrain"
+
+    repository: Path | None = setting(
+        None,
+        "the model repository; it must exist (a mistyped path must not bypass the gate)",
+        required=True,
+    )
+    model_name: str = setting(DEFAULT_MODEL_NAME, "the model to retrain")
+    train_limit: int | None = setting(
+        None,
+        "train on only the first N images of the training split: a deliberately weak "
+        "candidate, for testing the gate",
+        allowed=POSITIVE,
+        default_help="all",
+    )
+    min_accuracy: float = setting(
+        DEFAULT_MIN_ACCURACY,
+        "the candidate's least accuracy on the held-out images",
+        allowed=UNIT_INTERVAL,
+    )
+    max_regression: float = setting(
+        DEFAULT_MAX_REGRESSION,
+        "how far the candidate's accuracy may fall below the current version's "
+        "(0.005 is about 10 of 2,038 images)",
+        allowed=UNIT_INTERVAL,
+    )
+    work_dir: Path | None = setting(
+        None,
+        "new or empty directory for the candidate run and the report, outside the repository",
+        default_help="a new `<runs-dir>/retrain-<UTC time>-<random>`",
+    )
+    runs_dir: Path = setting(
+        DEFAULT_WORK_ROOT,
+        "without `--work-dir`, each run creates a new `retrain-<UTC time>-<random>` "
+        "directory in this one, outside the repository",
+    )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mnist37-retrain",
-        description="Train a candidate, compare it with the latest published version on the "
-        "held-out test images, and publish it only if it passes the gate. Exit status: "
-        "0 published, 3 rejected by the gate, 1 error, 2 usage error. "
-        "Each flag's default can be set by the environment variable in brackets.",
-    )
-    add = parser.add_argument
-    repository = _env("REPOSITORY", None)
-    add(
-        "--repository",
-        type=Path,
-        default=repository,
-        required=repository is None,
-        help="the model repository; it must exist [MNIST37_REPOSITORY]",
-    )
-    add(
-        "--model-name",
-        default=_env("MODEL_NAME", DEFAULT_MODEL_NAME),
-        help="the model to retrain [MNIST37_MODEL_NAME] (default: %(default)s)",
-    )
-    add_training_arguments(parser)
-    add(
-        "--train-limit",
-        type=_positive_int,
-        default=_env("TRAIN_LIMIT", None),
-        help="train on only the first N images of the training split, to get a "
-        "deliberately weak candidate [MNIST37_TRAIN_LIMIT] (default: all)",
-    )
-    add(
-        "--min-accuracy",
-        type=_accuracy,
-        default=_env("MIN_ACCURACY", DEFAULT_MIN_ACCURACY),
-        help="the candidate's least accuracy on the held-out images "
-        "[MNIST37_MIN_ACCURACY] (default: %(default)s)",
-    )
-    add(
-        "--max-regression",
-        type=_accuracy,
-        default=_env("MAX_REGRESSION", DEFAULT_MAX_REGRESSION),
-        help="how far the candidate's accuracy may fall below the current version's "
-        "[MNIST37_MAX_REGRESSION] (default: %(default)s)",
-    )
-    add(
-        "--work-dir",
-        type=Path,
-        default=_env("WORK_DIR", None),
-        help="new or empty directory for the candidate run and the report, outside the "
-        "repository [MNIST37_WORK_DIR] (default: a new <runs-dir>/retrain-<UTC time>-<random>)",
-    )
-    add(
-        "--runs-dir",
-        type=Path,
-        default=_env("RUNS_DIR", DEFAULT_WORK_ROOT),
-        help="without --work-dir, each run creates a new retrain-<UTC time>-<random> "
-        "directory in this one, outside the repository [MNIST37_RUNS_DIR] "
-        "(default: %(default)s)",
-    )
-    return parser.parse_args(argv)
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> RetrainSettings:
+    return load(RetrainSettings, argv, environ)
 
 
 def is_inside(path: Path, directory: Path) -> bool:
@@ -273,8 +249,8 @@ def is_inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
-def usage_problem(args: argparse.Namespace) -> str | None:
-    """What is wrong with the arguments that argparse cannot see, or None."""
+def usage_problem(args: RetrainSettings) -> str | None:
+    """What is wrong with the settings that parsing them cannot see, or None."""
     try:
         validate_model_name(args.model_name)
     except RepositoryError as error:
@@ -342,7 +318,7 @@ def gate_data_description(data: Mnist37Data) -> dict:
     }
 
 
-def train_candidate(args: argparse.Namespace, run_dir: Path, model_name: str) -> Candidate:
+def train_candidate(args: RetrainSettings, run_dir: Path, model_name: str) -> Candidate:
     """Train, export and stamp the candidate (as the unpublished version 0) in `run_dir`."""
     config = config_from_args(args)
     metrics = run_training(
@@ -362,7 +338,7 @@ def candidate_metadata(record: TrainingRecord, model_name: str) -> ModelMetadata
     return record.metadata(model_name, UNPUBLISHED_VERSION)
 
 
-def training_description(args: argparse.Namespace, record: TrainingRecord) -> dict:
+def training_description(args: RetrainSettings, record: TrainingRecord) -> dict:
     return {
         "config": asdict(config_from_args(args)),
         "train_limit": args.train_limit,
@@ -414,7 +390,7 @@ def publish_candidate(
     )
 
 
-def retrain(args: argparse.Namespace, outcome: Outcome) -> None:
+def retrain(args: RetrainSettings, outcome: Outcome) -> None:
     """Train, measure, gate and publish or reject, filling in `outcome` as it goes."""
     data = load_dataset(args.data_dir)
     outcome.gate_data = gate_data_description(data)
@@ -439,7 +415,7 @@ def retrain(args: argparse.Namespace, outcome: Outcome) -> None:
 
 
 def measure_candidate(
-    candidate: Candidate, data: Mnist37Data, args: argparse.Namespace, outcome: Outcome
+    candidate: Candidate, data: Mnist37Data, args: RetrainSettings, outcome: Outcome
 ) -> None:
     outcome.candidate_dir = str(candidate.run_dir.resolve())
     outcome.training = training_description(args, candidate.record)
@@ -494,7 +470,7 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminated)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     problem = usage_problem(args)
     if problem is not None:

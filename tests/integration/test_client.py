@@ -69,7 +69,7 @@ def test_check_prints_the_offline_accuracy(
 def test_batch_size_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["classify", "--check", "x", "--labels", "y", "--batch-size", "0"])
-    assert "must be at least 1" in capsys.readouterr().err
+    assert "argument --batch-size: must be positive, got 0" in capsys.readouterr().err
 
 
 def test_cli_classifies_pngs_and_idx_files(server, test_digits, tmp_path):
