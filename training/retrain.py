@@ -3,7 +3,9 @@
     mnist37-retrain --repository DIR [--model-name NAME] [--data-dir DIR] [--arch ...]
 
 A one-shot batch job (a container command, a cron or Kubernetes Job). It trains a
-candidate into `<work-dir>/candidate/`, exports it to ONNX, and measures the candidate and
+candidate into `<work-dir>/candidate/` (with the latest published version's architecture,
+read from its model card, unless `--arch` is set; `linear` if there is none), exports it
+to ONNX, and measures the candidate and
 the latest published version of the model with onnxruntime on the same held-out images:
 the 3s and 7s of the data's official MNIST test set. The candidate is published as the
 next version only if its accuracy is at least `--min-accuracy` and at most
@@ -23,7 +25,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import ClassVar
@@ -42,7 +44,8 @@ from serving.repository import (
     validate_model_name,
 )
 from serving.repository_cli import summarize_version
-from serving.settings import POSITIVE, Range, load, setting
+from serving.settings import POSITIVE, Range, load, redefault, setting
+from serving.stats import card_architecture
 from training.cli import CHECKPOINT_FILE, TrainingRun, config_from_args, run_training, summary
 from training.data import DataError, Mnist37Data, load_dataset
 from training.export import (
@@ -53,9 +56,10 @@ from training.export import (
     export_onnx,
     finalize,
 )
+from training.models import ARCHITECTURES
 from training.parity import ParityError
 from training.publish import PublishError, TrainingRecord, publish_model, read_training_record
-from training.train import POSITIVE_DIGIT, load_checkpoint
+from training.train import POSITIVE_DIGIT, TrainConfig, load_checkpoint
 
 EXIT_PUBLISHED = 0
 EXIT_ERROR = 1
@@ -132,6 +136,23 @@ class Candidate:
     model_path: Path  # the candidate's stamped ONNX file (version 0: unpublished)
 
 
+@dataclass(frozen=True)
+class Architecture:
+    """The candidate's architecture, and why it is that one."""
+
+    name: str
+    hidden: int
+    reason: str
+
+    def describe(self) -> str:
+        units = f" ({self.hidden} hidden units)" if self.name == "mlp" else ""
+        return f"{self.name}{units}, {self.reason}"
+
+    def as_json(self) -> dict:
+        hidden = self.hidden if self.name == "mlp" else None  # as model cards record it
+        return {"name": self.name, "hidden_units": hidden, "reason": self.reason}
+
+
 @dataclass
 class Outcome:
     """What the job decided and measured; the report and the summary line."""
@@ -141,6 +162,7 @@ class Outcome:
     work_dir: str
     gate: Gate
     decision: str = "error"
+    architecture: Architecture | None = None
     reasons: list[str] = field(default_factory=list)
     version: int | None = None
     version_path: str | None = None
@@ -161,6 +183,8 @@ class Outcome:
             "exit_code": EXIT_CODES[self.decision],
             "model": self.model,
             "version": self.version,
+            "architecture": self.architecture.name if self.architecture else None,
+            "architecture_reason": self.architecture.reason if self.architecture else None,
             "candidate_accuracy": self.candidate.accuracy if self.candidate else None,
             "current_version": self.current_version,
             "current_accuracy": self.current.accuracy if self.current else None,
@@ -182,6 +206,7 @@ class Outcome:
             "published": {"version": self.version, "path": self.version_path},
             "candidate": {
                 "run_dir": self.candidate_dir,
+                "architecture": self.architecture.as_json() if self.architecture else None,
                 "training": self.training,
                 "gate_score": asdict(self.candidate) if self.candidate else None,
             },
@@ -197,11 +222,22 @@ class Outcome:
 @dataclass(frozen=True)
 class RetrainSettings(TrainingRun):
     """Train a candidate, compare it with the latest published version on the held-out
-    test images, and publish it only if it passes the gate. Exit status: 0 published,
+    test images, and publish it only if it passes the gate. The candidate has the latest
+    version's architecture unless --arch says otherwise. Exit status: 0 published,
     3 rejected by the gate, 1 error, 2 usage error."""
 
     prog: ClassVar[str] = "mnist37-retrain"
 
+    # None: decided at run time from the latest version's model card (choose_architecture).
+    arch: str | None = redefault(
+        TrainConfig, "arch", None, f"the latest version's; `{TrainConfig.arch}` without one"
+    )
+    hidden: int | None = redefault(
+        TrainConfig,
+        "hidden",
+        None,
+        f"the latest version's without `--arch`; `{TrainConfig.hidden}` otherwise",
+    )
     repository: Path | None = setting(
         None,
         "the model repository; it must exist (a mistyped path must not bypass the gate)",
@@ -242,6 +278,38 @@ def parse_args(
     argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
 ) -> RetrainSettings:
     return load(RetrainSettings, argv, environ)
+
+
+def choose_architecture(args: RetrainSettings, latest: ModelVersion | None) -> Architecture:
+    """--arch and --hidden as set; without --arch, the latest version's (from its model
+    card): a candidate is compared with the version it would replace, and a linear one is
+    rejected against an MLP. TrainConfig's defaults for what is left."""
+    hidden = args.hidden or TrainConfig.hidden
+    if args.arch is not None:
+        return Architecture(args.arch, hidden, "set by --arch (or MNIST37_ARCH)")
+    if latest is None:
+        reason = f"the default: {args.model_name} has no published version"
+        return Architecture(TrainConfig.arch, hidden, reason)
+    name, served_hidden = served_architecture(latest)
+    reason = f"that of {latest.name} version {latest.version}, the latest published"
+    return Architecture(name, args.hidden or served_hidden or TrainConfig.hidden, reason)
+
+
+def served_architecture(version: ModelVersion) -> tuple[str, int | None]:
+    """The architecture name and hidden units (None for linear) on a version's card."""
+    try:
+        card = version.read_card()
+    except RepositoryError as error:
+        raise RetrainError(f"{error}: cannot tell its architecture; set --arch") from error
+    name = card_architecture(card) if isinstance(card, dict) else ""
+    if name not in ARCHITECTURES:
+        raise RetrainError(
+            f"the model card of {version.name} version {version.version} names no "
+            f"architecture this command trains ({name!r}); set --arch"
+        )
+    details = card.get("architecture")
+    hidden = details.get("hidden_units") if isinstance(details, dict) else None
+    return name, hidden if isinstance(hidden, int) and hidden > 0 else None
 
 
 def is_inside(path: Path, directory: Path) -> bool:
@@ -394,6 +462,10 @@ def retrain(args: RetrainSettings, outcome: Outcome) -> None:
     """Train, measure, gate and publish or reject, filling in `outcome` as it goes."""
     data = load_dataset(args.data_dir)
     outcome.gate_data = gate_data_description(data)
+    architecture = choose_architecture(args, latest_version(args.repository, args.model_name))
+    outcome.architecture = architecture
+    print(f"architecture: {architecture.describe()}")
+    args = replace(args, arch=architecture.name, hidden=architecture.hidden)
     candidate = train_candidate(args, Path(outcome.work_dir) / CANDIDATE_DIR, args.model_name)
     measure_candidate(candidate, data, args, outcome)
     measure_current(args.repository, args.model_name, data, outcome)
