@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from serving.codecs import decode_infer_response
+from serving.console import console_script
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
@@ -201,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

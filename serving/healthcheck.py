@@ -26,6 +26,7 @@ from typing import ClassVar
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.console import console_script
 from serving.settings import POSITIVE, load, setting
 
 DEFAULT_PORT = 8001
@@ -81,6 +82,7 @@ class HealthcheckSettings:
     timeout: float = setting(DEFAULT_TIMEOUT_S, "seconds to wait for the answer", allowed=POSITIVE)
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     args = load(HealthcheckSettings, argv)
     address = args.address or default_address()

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from serving.batcher import BatchListener
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig, load_config
+from serving.console import console_script
 from serving.dataplane import DataPlane
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
@@ -262,6 +263,7 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
     configure_logging(config.log_level, config.log_format)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from serving.atomic import write_json_atomically
+from serving.console import console_script
 from serving.repository import DEFAULT_MODEL_NAME
 from serving.settings import load, setting
 from training.data import (
@@ -237,6 +238,7 @@ def publish(run_dir: Path, repository: Path, model_name: str) -> str:
     return f"published {version.name} version {version.version} at {version.path}"
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from_args(args)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.atomic import write_bytes_atomically
+from serving.console import console_script
 from serving.idx import (
     IdxError,
     gzip_deterministically,
@@ -205,6 +206,7 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
+@console_script
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

@@ -36,6 +36,7 @@ import onnxruntime
 from torch import nn
 
 from serving.atomic import write_bytes_atomically, write_json_atomically
+from serving.console import console_script
 from serving.repository import (
     DEFAULT_MODEL_NAME,
     ModelVersion,
@@ -542,6 +543,7 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminated)
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     problem = usage_problem(args)
