@@ -32,6 +32,7 @@ def read_one_line_then_close(command: list[str]) -> tuple[bytes, int, bytes]:
 
 def test_every_console_script_is_a_console_script_main() -> None:
     scripts = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "mnist37-perf-analyzer" in scripts
     for name, target in scripts.items():
         module, attribute = target.split(":")
         main = getattr(importlib.import_module(module), attribute)
