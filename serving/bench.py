@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -21,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.launcher import start_server
+from serving.perf_analyzer import ready_perf_analyzer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_SETTINGS = {
@@ -31,28 +29,6 @@ SERVER_SETTINGS = {
 LOADS = [(1, 1), (16, 1), (1, 64), (16, 64)]
 
 
-def find_perf_analyzer() -> Path:
-    beside_python = Path(sys.executable).parent / "perf_analyzer"
-    if beside_python.exists():
-        return beside_python
-    found = shutil.which("perf_analyzer")
-    if not found:
-        raise FileNotFoundError("perf_analyzer not found (it comes with tritonclient 2.51)")
-    return Path(found)
-
-
-def perf_analyzer_env() -> dict[str, str]:
-    """The environment perf_analyzer needs: libcudart.so.12 from nvidia-cuda-runtime-cu12."""
-    env = dict(os.environ)
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    if spec and spec.submodule_search_locations:
-        library = Path(next(iter(spec.submodule_search_locations))) / "lib"
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            part for part in (str(library), env.get("LD_LIBRARY_PATH", "")) if part
-        )
-    return env
-
-
 def perf_analyzer_command(
     target: str,
     concurrency: int,
@@ -61,8 +37,10 @@ def perf_analyzer_command(
     measurement_ms: int = 1500,
     model: str = "mnist37",
 ) -> tuple[list[str], dict[str, str]]:
+    """perf_analyzer's command line for one load, and the environment to run it in."""
+    binary, env = ready_perf_analyzer()
     command = [
-        str(find_perf_analyzer()),
+        str(binary),
         "-m",
         model,
         "-i",
@@ -82,7 +60,7 @@ def perf_analyzer_command(
     ]
     if csv is not None:
         command += ["-f", str(csv)]
-    return command, perf_analyzer_env()
+    return command, env
 
 
 def _measure(target: str, concurrency: int, batch: int, measurement_ms: int) -> dict[str, float]:

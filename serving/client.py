@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 
 from serving.codecs import decode_infer_response
+from serving.console import console_script
 from serving.contract import DIGIT, IMAGES
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
@@ -27,6 +28,7 @@ from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
 from serving.idx import IdxError, read_images, read_labels
 from serving.imaging import PNG_SIGNATURE
 from serving.repository import DEFAULT_MODEL_NAME
+from serving.settings import POSITIVE, parse_as
 
 DEFAULT_SERVER = "127.0.0.1:8001"
 DEFAULT_BATCH_SIZE = 256
@@ -161,13 +163,6 @@ def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) ->
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """--server and --timeout; without `defaults` a value given here overrides, and an
     absent one leaves the main parser's value alone."""
@@ -186,6 +181,8 @@ def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """By hand, not `serving.settings`: a subcommand with positional files, --server and
+    --timeout accepted on both sides of it, and --check that needs --labels."""
     parser = argparse.ArgumentParser(prog="mnist37-client", description=__doc__.splitlines()[0])
     _add_connection_arguments(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -198,13 +195,14 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--labels", type=Path, metavar="LABELS_IDX", help="labels for --check")
     classify.add_argument(
         "--batch-size",
-        type=_positive_int,
+        type=parse_as(int, POSITIVE),
         default=DEFAULT_BATCH_SIZE,
         help=f"images per request (default {DEFAULT_BATCH_SIZE})",
     )
     return parser
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)

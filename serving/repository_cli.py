@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from serving.console import console_script
 from serving.repository import (
     ModelFileRecord,
     ModelVersion,
@@ -110,7 +111,10 @@ def format_table(summaries: Sequence[VersionSummary]) -> str:
     )
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
+    # By hand, not `serving.settings`: a subcommand, and --model-name must not pick up the
+    # MNIST37_MODEL_NAME a training container sets (it would silently filter the listing).
     parser = argparse.ArgumentParser(prog="mnist37-models", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list models and versions with key metrics")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from serving.batcher import BatchListener
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig, load_config
+from serving.console import console_script
 from serving.contract import PIXELS
 from serving.dataplane import DataPlane
 from serving.edge import EdgeState
@@ -264,10 +266,45 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
+def refuse_busy_ports(config: ServerConfig) -> None:
+    """Raise StartupError if the gRPC or the metrics port cannot be bound, before any model
+    is loaded. gRPC's C-core writes its own lines to stderr (absl's "All log messages
+    before absl::InitializeLog()", chttp2_server.cc's "No address added") before
+    add_insecure_port fails, so a busy port is found here first and refused in one line.
+    The real binds stay the authority: a port taken in between is still refused."""
+    if config.grpc_port:  # 0: any free port
+        _check_bindable(config.host, config.grpc_port, f"cannot listen on {config.grpc_address}")
+    if config.metrics_port:
+        where = f"cannot serve metrics on {config.host}:{config.metrics_port}"
+        _check_bindable(config.host, config.metrics_port, where)
+
+
+def _check_bindable(host: str, port: int, what: str) -> None:
+    """Bind each address `host` resolves to as gRPC and prometheus_client do (SO_REUSEADDR,
+    no SO_REUSEPORT: see "grpc.so_reuseport" above); like them, one that binds is enough."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise StartupError(f"{what}: {error.strerror}") from error
+    problem = "no address"
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                problem = error.strerror or str(error)
+            else:
+                return
+    raise StartupError(f"{what}: {problem}")
+
+
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
     configure_logging(config.log_level, config.log_format)
     try:
+        refuse_busy_ports(config)
         return asyncio.run(serve(config))
     except (StartupError, DeviceUnavailable) as error:
         log.error("refusing to start: %s", error)

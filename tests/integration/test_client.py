@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import socket
 import subprocess
 import sys
 
@@ -69,7 +70,7 @@ def test_check_prints_the_offline_accuracy(
 def test_batch_size_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["classify", "--check", "x", "--labels", "y", "--batch-size", "0"])
-    assert "must be at least 1" in capsys.readouterr().err
+    assert "argument --batch-size: must be positive, got 0" in capsys.readouterr().err
 
 
 def test_cli_classifies_pngs_and_idx_files(server, test_digits, tmp_path):
@@ -128,3 +129,22 @@ def test_a_file_that_is_neither_png_nor_idx_is_named(tmp_path, capsys):
     bogus.write_text("hello")
     assert main(["--server", "127.0.0.1:1", "classify", str(bogus)]) == 1
     assert "drawing.png: neither a PNG nor an IDX images file" in capsys.readouterr().err
+
+
+def test_no_server_is_one_line_on_stderr():
+    """Only our line: no gRPC C-core lines around it."""
+    with socket.socket() as probe:  # a port that was free a moment ago: nobody listens
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    images, _ = shipped_digit_files()
+    command = [sys.executable, "-m", "serving.client", "--server", f"127.0.0.1:{port}"]
+    done = subprocess.run(
+        [*command, "--timeout", "5", "classify", str(images)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert (done.returncode, done.stdout) == (1, "")
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("mnist37-client: UNAVAILABLE: ")
