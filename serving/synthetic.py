@@ -92,16 +92,25 @@ def mean_difference_model(images: np.ndarray, labels: np.ndarray) -> bytes:
     return linear_model_bytes(weights, bias)
 
 
-def publish_model(repository: Path, name: str, model: bytes) -> ModelVersion:
+LINEAR = Architecture("linear", parameters=PIXELS + 1)
+
+
+def publish_model(
+    repository: Path,
+    name: str,
+    model: bytes,
+    architecture: Architecture = LINEAR,
+) -> ModelVersion:
     """Publish `model` (a linear model from this module) as the next version of `name` in
-    `repository`, with a card that says it is synthetic."""
+    `repository`, with a card that says it is synthetic and names `architecture` (another
+    one than linear lets tests stand in for what a card of that architecture says)."""
 
     def write(directory: Path, version: int) -> None:
         (directory / MODEL_FILE).write_bytes(model)
         card = ModelCard(
             name=name,
             version=version,
-            architecture=Architecture("linear", parameters=PIXELS + 1),
+            architecture=architecture,
             model_file=ModelFileRecord.of(model),
             synthetic=True,
         )

@@ -136,7 +136,7 @@ class Candidate:
 
 
 @dataclass(frozen=True)
-class Architecture:
+class ChosenArchitecture:
     """The candidate's architecture, and why it is that one."""
 
     name: str
@@ -161,7 +161,7 @@ class Outcome:
     work_dir: str
     gate: Gate
     decision: str = "error"
-    architecture: Architecture | None = None
+    architecture: ChosenArchitecture | None = None
     reasons: list[str] = field(default_factory=list)
     version: int | None = None
     version_path: str | None = None
@@ -279,19 +279,19 @@ def parse_args(
     return load(RetrainSettings, argv, environ)
 
 
-def choose_architecture(args: RetrainSettings, latest: ModelVersion | None) -> Architecture:
+def choose_architecture(args: RetrainSettings, latest: ModelVersion | None) -> ChosenArchitecture:
     """--arch and --hidden as set; without --arch, the latest version's (from its model
     card): a candidate is compared with the version it would replace, and a linear one is
     rejected against an MLP. TrainConfig's defaults for what is left."""
     hidden = args.hidden or TrainConfig.hidden
     if args.arch is not None:
-        return Architecture(args.arch, hidden, "set by --arch (or MNIST37_ARCH)")
+        return ChosenArchitecture(args.arch, hidden, "set by --arch (or MNIST37_ARCH)")
     if latest is None:
         reason = f"the default: {args.model_name} has no published version"
-        return Architecture(TrainConfig.arch, hidden, reason)
+        return ChosenArchitecture(TrainConfig.arch, hidden, reason)
     name, served_hidden = served_architecture(latest)
     reason = f"that of {latest.name} version {latest.version}, the latest published"
-    return Architecture(name, args.hidden or served_hidden or TrainConfig.hidden, reason)
+    return ChosenArchitecture(name, args.hidden or served_hidden or TrainConfig.hidden, reason)
 
 
 def served_architecture(version: ModelVersion) -> tuple[str, int | None]:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from serving.repository import latest_version, list_versions
+from serving.repository import Architecture, latest_version, list_versions
 from serving.synthetic import publish_model, random_linear_model
 from training.cli import main as train_main
 from training.data import load_dataset
@@ -27,8 +27,8 @@ from training.retrain import (
     EXIT_REJECTED,
     EXIT_USAGE,
     REPORT_FILE,
-    Architecture,
     Candidate,
+    ChosenArchitecture,
     Gate,
     RetrainError,
     choose_architecture,
@@ -142,26 +142,28 @@ def test_a_candidate_can_fail_both_rules_at_once() -> None:
 
 
 def test_without_arch_the_candidate_has_the_latest_versions_architecture(tmp_path) -> None:
-    def chosen(*flags: str, environ: dict[str, str] | None = None) -> Architecture:
+    def chosen(*flags: str, environ: dict[str, str] | None = None) -> ChosenArchitecture:
         args = parse_args(["--repository", str(tmp_path), *flags], environ or {})
         return choose_architecture(args, latest_version(tmp_path, "mnist37"))
 
-    assert chosen() == Architecture("linear", 30, "the default: mnist37 has no published version")
-    linear = {"architecture": {"name": "linear", "hidden_units": None}}
-    publish_model(tmp_path, "mnist37", random_linear_model(), linear)
+    assert chosen() == ChosenArchitecture(
+        "linear", 30, "the default: mnist37 has no published version"
+    )
+    publish_model(tmp_path, "mnist37", random_linear_model())
     assert chosen().name == "linear"
-    mlp = {"architecture": {"name": "mlp", "hidden_units": 16}}
-    publish_model(tmp_path, "mnist37", random_linear_model(), mlp)
-    assert chosen() == Architecture("mlp", 16, "that of mnist37 version 2, the latest published")
+    publish_model(tmp_path, "mnist37", random_linear_model(), Architecture("mlp", 16))
+    assert chosen() == ChosenArchitecture(
+        "mlp", 16, "that of mnist37 version 2, the latest published"
+    )
     assert chosen("--hidden", "8").hidden == 8
-    explicit = Architecture("linear", 30, "set by --arch (or MNIST37_ARCH)")
+    explicit = ChosenArchitecture("linear", 30, "set by --arch (or MNIST37_ARCH)")
     assert chosen("--arch", "linear") == explicit
     assert chosen(environ={"MNIST37_ARCH": "linear"}) == explicit
     assert chosen("--arch", "mlp").hidden == 30  # the served units follow only without --arch
 
 
 def test_an_unreadable_architecture_is_an_error_that_says_to_set_arch(tmp_path) -> None:
-    publish_model(tmp_path, "mnist37", random_linear_model(), {"architecture": "resnet"})
+    publish_model(tmp_path, "mnist37", random_linear_model(), Architecture("resnet"))
     args = parse_args(["--repository", str(tmp_path)], {})
     with pytest.raises(RetrainError, match=r"names no architecture.*'resnet'.*set --arch"):
         choose_architecture(args, latest_version(tmp_path, "mnist37"))
