@@ -117,9 +117,9 @@ class DynamicBatcher:
         if too_many_images or too_many_items:
             raise Overloaded(
                 f"the model's queue is full ({self._queued_images} images in "
-                f"{len(self._queue)} requests waiting; at most {limit_images} images and "
-                f"{limit_items} requests, --max-queued-images/--max-queued-requests): "
-                "retry later"
+                f"{len(self._queue)} entries waiting: requests, or chunks of larger ones; at "
+                f"most {limit_images} images and {limit_items} entries, "
+                "--max-queued-images/--max-queued-requests): retry later"
             )
 
     def _put(

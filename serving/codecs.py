@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.contract import IMAGE_SIDE, IMAGES, OUTPUT_DATATYPES, OUTPUT_NAMES, PIXELS, PROBABILITY
-from serving.errors import InvalidInput
+from serving.errors import InvalidInput, shown
 from serving.generated.inference import grpc_service_pb2 as pb
 
 _CONTENT_FIELDS = (
@@ -32,6 +32,9 @@ _CONTENT_FIELDS = (
     "bytes_contents",
 )
 
+
+# How many of a client's names or dimensions a message lists.
+MAX_NAMED = 5
 
 # (image count, the field it came from): raises InvalidInput if the count is too large
 ImageCountCheck = Callable[[int, str], None]
@@ -57,15 +60,18 @@ def decode_infer_request(
     tensor = inputs[0]
     if tensor.name != IMAGES.name:
         raise InvalidInput(
-            f"inputs[0].name: unknown input {tensor.name!r}, expected {IMAGES.name!r}"
+            f"inputs[0].name: unknown input {shown(tensor.name)}, expected {IMAGES.name!r}"
         )
     if tensor.datatype != IMAGES.datatype:
         raise InvalidInput(
-            f"inputs[0].datatype: {tensor.datatype!r} is not accepted, expected {IMAGES.datatype!r}"
+            f"inputs[0].datatype: {shown(tensor.datatype)} is not accepted, "
+            f"expected {IMAGES.datatype!r}"
         )
     shape = list(tensor.shape)
     if len(shape) != 3 or shape[1:] != [IMAGE_SIDE, IMAGE_SIDE] or shape[0] < 0:
-        raise InvalidInput(f"inputs[0].shape: {shape} is not [N, {IMAGE_SIDE}, {IMAGE_SIDE}]")
+        raise InvalidInput(
+            f"inputs[0].shape: {_shape_text(shape)} is not [N, {IMAGE_SIDE}, {IMAGE_SIDE}]"
+        )
     if tensor.parameters:
         raise InvalidInput(f"inputs[0].parameters: {_names(tensor.parameters)} not supported")
     count = shape[0]
@@ -123,11 +129,11 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
     for index, output in enumerate(request.outputs):
         if output.name not in OUTPUT_DATATYPES:
             raise InvalidInput(
-                f"outputs[{index}].name: unknown output {output.name!r}, "
+                f"outputs[{index}].name: unknown output {shown(output.name)}, "
                 f"expected one of {list(OUTPUT_NAMES)}"
             )
         if output.name in names:
-            raise InvalidInput(f"outputs[{index}].name: {output.name!r} is requested twice")
+            raise InvalidInput(f"outputs[{index}].name: {shown(output.name)} is requested twice")
         if output.parameters:
             raise InvalidInput(
                 f"outputs[{index}].parameters: {_names(output.parameters)} not supported"
@@ -137,9 +143,19 @@ def _requested_outputs(request: pb.ModelInferRequest) -> tuple[str, ...]:
 
 
 def _names(parameters: Mapping[str, pb.InferParameter]) -> str:
-    """`classification is` or `a, b are`: the parameters an error message names."""
+    """`'classification' is` or `'a', 'b' are`: the parameters an error message names (the
+    first few, each cut short: a client's map can be large)."""
     keys = sorted(parameters)
-    return f"{', '.join(keys)} {'is' if len(keys) == 1 else 'are'}"
+    named = ", ".join(shown(key, 40) for key in keys[:MAX_NAMED])
+    more = f" and {len(keys) - MAX_NAMED} more" if len(keys) > MAX_NAMED else ""
+    return f"{named}{more} {'is' if len(keys) == 1 else 'are'}"
+
+
+def _shape_text(shape: list[int]) -> str:
+    """A client's shape for a message: its first dimensions, if it has many."""
+    if len(shape) <= MAX_NAMED:
+        return str(shape)
+    return f"[{', '.join(map(str, shape[:MAX_NAMED]))}, ...] ({len(shape)} dimensions)"
 
 
 def encode_infer_response(

@@ -39,7 +39,11 @@ class ServerConfig:
         Path("model_repository"),
         "model repository directory, laid out as REPO/MODEL/VERSION/model.onnx",
     )
-    host: str = setting("0.0.0.0", "address to listen on")
+    host: str = setting(
+        "127.0.0.1",
+        "address gRPC listens on: loopback by default, `0.0.0.0` for every interface (the "
+        "container images set that); beyond loopback, use TLS and tokens",
+    )
     grpc_port: int = setting(
         8001,
         "gRPC port (Open Inference Protocol, Classifier, health, reflection)",
@@ -47,6 +51,29 @@ class ServerConfig:
     )
     metrics_port: int = setting(
         8002, "Prometheus /metrics HTTP port; 0 turns metrics off", allowed=NON_NEGATIVE
+    )
+    metrics_host: str = setting(
+        "127.0.0.1",
+        "address the metrics port listens on, apart from gRPC's: it has no authentication, "
+        "so expose it only to Prometheus",
+    )
+    tls_cert: Path | None = setting(
+        None, "PEM certificate chain: serve gRPC over TLS (with `--tls-key`)"
+    )
+    tls_key: Path | None = setting(None, "PEM private key of `--tls-cert`")
+    tls_client_ca: Path | None = setting(
+        None,
+        "PEM CA certificates: mutual TLS, clients must present a certificate one of them signed",
+    )
+    auth_token_file: Path | None = setting(
+        None,
+        "file of bearer tokens, one a line, re-read when it changes: every RPC needs "
+        "`authorization: Bearer <token>`, else UNAUTHENTICATED",
+    )
+    protect_health: bool = setting(
+        False,
+        "with `--auth-token-file`, health checks need a token too (by default they stay "
+        "open for load balancers' and Kubernetes' probes)",
     )
     device: str = setting(
         "cpu",
@@ -75,9 +102,36 @@ class ServerConfig:
         allowed=NON_NEGATIVE,
     )
     max_request_images: int = setting(
-        4096,
+        1024,
         "most images one request may carry, more is INVALID_ARGUMENT "
         "(reported as max_batch_size in ModelConfig)",
+        allowed=POSITIVE,
+    )
+    max_queued_images: int = setting(
+        65536,
+        "most images waiting in one model version's queue; a request that would pass it "
+        "is RESOURCE_EXHAUSTED at once",
+        allowed=POSITIVE,
+    )
+    max_queued_requests: int = setting(
+        1024,
+        "most requests waiting in one model version's queue (each --max-batch-size chunk "
+        "of a larger request counts as one); more is RESOURCE_EXHAUSTED",
+        allowed=POSITIVE,
+    )
+    max_connections: int = setting(
+        64, "most client connections open at once; more are refused", allowed=POSITIVE
+    )
+    max_streams_per_connection: int = setting(
+        16,
+        "most concurrent RPCs (HTTP/2 streams) on one connection; clients queue the rest. "
+        "Memory: gRPC receives every stream's message before any handler can refuse it, so "
+        "connections x streams x the largest message must fit the memory limit",
+        allowed=POSITIVE,
+    )
+    idle_timeout: float = setting(
+        300.0,
+        "seconds a connection may stay without an RPC before the server closes it",
         allowed=POSITIVE,
     )
     max_png_pixels: int = setting(

@@ -8,10 +8,12 @@ MAX_ECHOED_CHARACTERS = 100
 
 
 def shown(text: str, limit: int = MAX_ECHOED_CHARACTERS) -> str:
-    """`text` quoted for a message, cut to `limit` characters with its full length noted."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    """`text` quoted for a message, at most `limit` characters of it (escapes counted, so
+    unprintable characters cannot multiply its length), with its full length noted if cut."""
+    quoted = repr(text[:limit])
+    if len(text) <= limit and len(quoted) <= limit + 2:
+        return quoted
+    return f"{quoted[:limit]}... ({len(text)} characters)"
 
 
 class ServingError(Exception):

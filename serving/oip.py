@@ -16,7 +16,7 @@ from serving.codecs import decode_infer_request, encode_infer_response
 from serving.contract import IMAGES, OUTPUTS
 from serving.dataplane import DataPlane
 from serving.edge import EdgeState, RpcCall, deadline_of
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, shown
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.generated.inference import model_config_pb2 as config_pb
@@ -183,7 +183,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 call.name_model(request.name)
                 models = self.registry.versions(request.name)
                 if not models:
-                    raise ModelNotFound(f"model {request.name!r} is not loaded")
+                    raise ModelNotFound(f"model {shown(request.name)} is not loaded")
             else:
                 models = self.registry.all()
             return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from serving.batcher import BatchListener, DynamicBatcher
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, shown
 from serving.repository import MODEL_FILE, ModelCard, ModelVersion, parse_version
 from serving.runtime import ModelRuntime, RuntimeOptions
 from serving.stats import InferenceStats
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 class BatchingOptions:
     max_batch_size: int = 64
     max_queue_delay_s: float = 0.0
+    max_queued_images: int | None = None  # None: unbounded (the server always bounds it)
+    max_queued_requests: int | None = None
 
 
 @dataclass(eq=False)
@@ -109,14 +111,14 @@ class ModelRegistry:
         """The loaded model `name` at `version`; the newest loaded one if version is ''."""
         versions = self._models.get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {self.names()})")
+            raise ModelNotFound(f"model {shown(name)} is not loaded (loaded: {self.names()})")
         if not version:
             return versions[next(reversed(versions))]
         number = parse_version(version)
         model = versions.get(number) if number is not None else None
         if model is None:
             raise ModelNotFound(
-                f"model {name!r} has no loaded version {version!r} "
+                f"model {shown(name)} has no loaded version {shown(version)} "
                 f"(loaded: {[str(number) for number in versions]})"
             )
         return model
@@ -153,6 +155,8 @@ def load_model_version(
         executor,
         max_batch_size=batching.max_batch_size,
         max_queue_delay_s=batching.max_queue_delay_s,
+        max_queued_images=batching.max_queued_images,
+        max_queued_requests=batching.max_queued_requests,
         stats=stats,
         on_batch=on_batch,
     )

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.access import AccessConfigError, AuthInterceptor, TokenFile, server_credentials
 from serving.batcher import BatchListener
 from serving.classifier import ClassifierServicer
 from serving.config import ServerConfig, load_config
@@ -31,9 +32,8 @@ from serving.contract import PIXELS
 from serving.dataplane import DataPlane
 from serving.edge import EdgeState
 from serving.generated.inference import grpc_service_pb2 as oip_pb
-from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
-from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
+from serving.handlers import add_service
 from serving.healthcheck import LIVENESS_SERVICE
 from serving.imaging import PngLimits
 from serving.logs import FailureLogLimiter, configure_logging
@@ -46,8 +46,15 @@ from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_provide
 
 log = logging.getLogger("serving")
 
-OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-CLASSIFIER_SERVICE = classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+OIP_DESCRIPTOR = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+CLASSIFIER_DESCRIPTOR = classifier_pb.DESCRIPTOR.services_by_name["Classifier"]
+OIP_SERVICE = OIP_DESCRIPTOR.full_name
+CLASSIFIER_SERVICE = CLASSIFIER_DESCRIPTOR.full_name
+# What stays open to probes when tokens are required (unless --protect-health).
+HEALTH_METHODS = tuple(
+    f"/{method.full_name.rsplit('.', 1)[0]}/{method.name}"
+    for method in health_pb2.DESCRIPTOR.services_by_name["Health"].methods
+)
 # Health service names that are the server's own; a model of the same name gets no status.
 SERVER_HEALTH_SERVICES = ("", OIP_SERVICE, CLASSIFIER_SERVICE, LIVENESS_SERVICE)
 
@@ -71,6 +78,8 @@ class InferenceServer:
         self.png_executor = ThreadPoolExecutor(
             max_workers=config.png_threads, thread_name_prefix="png"
         )
+        # Requests large enough to stall the event loop while parsed are parsed here.
+        self.parse_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
         self.health = health.aio.HealthServicer()
         self.reloader = ModelReloader(
             config.repository,
@@ -83,6 +92,16 @@ class InferenceServer:
         )
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        # Read at construction, so a bad TLS file or token file refuses to start at once.
+        try:
+            self.credentials = server_credentials(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            self.tokens = (
+                TokenFile(config.auth_token_file) if config.auth_token_file is not None else None
+            )
+        except AccessConfigError as error:
+            raise StartupError(str(error)) from error
 
     async def start(self) -> None:
         config = self.config
@@ -101,10 +120,11 @@ class InferenceServer:
         await self.grpc_server.start()
         if self.observer is not None:
             try:
-                self.observer.serve(config.host, config.metrics_port)
+                self.observer.serve(config.metrics_host, config.metrics_port)
             except OSError as error:
                 raise StartupError(
-                    f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}"
+                    f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
+                    f"{error.strerror}"
                 ) from error
         await self._update_health()
         log.info(
@@ -125,7 +145,12 @@ class InferenceServer:
                 config.inter_op_threads,
                 config.graph_optimization,
             ),
-            BatchingOptions(config.max_batch_size, config.max_queue_delay_us / 1e6),
+            BatchingOptions(
+                config.max_batch_size,
+                config.max_queue_delay_us / 1e6,
+                config.max_queued_images,
+                config.max_queued_requests,
+            ),
             self.executor,
             self._batch_listener(model_version),
         )
@@ -141,25 +166,65 @@ class InferenceServer:
 
         return on_batch
 
+    @property
+    def executors(self) -> tuple[ThreadPoolExecutor, ...]:
+        return (self.executor, self.png_executor, self.parse_executor)
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        """The channel arguments that bound what one client can make the server spend."""
+        config = self.config
+        # The largest valid request (typed contents: up to 2 bytes a pixel) and response.
+        message_limit = config.max_request_images * PIXELS * 2 + 1024 * 1024
+        return [
+            ("grpc.max_receive_message_length", message_limit),
+            ("grpc.max_send_message_length", message_limit),
+            # gzip/deflate would be inflated before the size check (1 MB on the wire can
+            # become 1 GB): identity only, so a compressed request is refused unread.
+            ("grpc.compression_enabled_algorithms_bitset", 1),
+            # Streams per connection: with connections, what bounds the bytes received at
+            # once (gRPC reads a whole message before any handler can refuse it). Without
+            # "overload protection" the limit is plain HTTP/2 flow control: a client queues
+            # its extra streams instead of having them reset (REFUSED_STREAM, UNAVAILABLE).
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+            ("grpc.http.overload_protection", 0),
+            ("grpc.max_allowed_incoming_connections", config.max_connections),
+            ("grpc.max_connection_idle_ms", int(config.idle_timeout * 1000)),
+            # A connection that never finishes its handshake (or never sends a byte) is
+            # dropped after 5 s instead of 20, so it cannot hold up a shutdown.
+            ("grpc.server_handshake_timeout_ms", 5000),
+            # Ping idle-looking clients, drop those that do not answer within 20 s.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if self.tokens is None:
+            return []
+        observer = self.dataplane.observer
+
+        def refused(rpc: str) -> None:
+            observer.rpc_finished(rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
+        open_methods = () if self.config.protect_health else HEALTH_METHODS
+        return [AuthInterceptor(self.tokens, open_methods, refused)]
+
     def _build_grpc_server(self) -> None:
         config = self.config
-        message_limit = config.max_request_images * PIXELS * 2 + 1024 * 1024
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", message_limit),
-                ("grpc.max_send_message_length", message_limit),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.dataplane,
-                self.edge,
-                config.repository,
-                config.max_queue_delay_us,
-                config.keep_versions,
-            ),
-            server,
+        # No maximum_concurrent_rpcs: grpc.aio makes the calls past it wait unseen, not
+        # fail; admission is the model queue's bound, which refuses at once.
+        server = grpc.aio.server(interceptors=self._interceptors(), options=self._grpc_options())
+        observer = self.dataplane.observer
+
+        def malformed(rpc: str, seconds: float) -> None:
+            observer.rpc_finished(rpc, "", "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
+
+        inference = InferenceServicer(
+            self.dataplane,
+            self.edge,
+            config.repository,
+            config.max_queue_delay_us,
+            config.keep_versions,
         )
         classifier = ClassifierServicer(
             self.dataplane,
@@ -167,7 +232,8 @@ class InferenceServer:
             PngLimits(config.max_png_pixels, config.max_request_png_pixels),
             self.png_executor,
         )
-        classifier_grpc.add_ClassifierServicer_to_server(classifier, server)
+        for service, servicer in ((OIP_DESCRIPTOR, inference), (CLASSIFIER_DESCRIPTOR, classifier)):
+            add_service(server, service, servicer, self.parse_executor, on_malformed=malformed)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -179,7 +245,10 @@ class InferenceServer:
             server,
         )
         try:
-            self.port = server.add_insecure_port(config.grpc_address)
+            if self.credentials is None:
+                self.port = server.add_insecure_port(config.grpc_address)
+            else:
+                self.port = server.add_secure_port(config.grpc_address, self.credentials)
         except RuntimeError as error:
             raise StartupError(f"cannot listen on {config.grpc_address}: {error}") from error
         if not self.port:
@@ -224,8 +293,8 @@ class InferenceServer:
         await self.reloader.stop()
         for model in self.registry.swap([]):
             await model.wait_idle()
-        self.executor.shutdown(wait=True)
-        self.png_executor.shutdown(wait=True)
+        for executor in self.executors:
+            executor.shutdown(wait=True)
         if self.observer is not None:
             self.observer.close()
         log.info("stopped")
@@ -256,8 +325,8 @@ async def serve(config: ServerConfig) -> int:
     try:
         await server.start()
     except BaseException:
-        server.executor.shutdown(wait=False)
-        server.png_executor.shutdown(wait=False)
+        for executor in server.executors:
+            executor.shutdown(wait=False)
         if server.grpc_server is not None:
             await server.grpc_server.stop(0)
         raise
@@ -275,8 +344,8 @@ def refuse_busy_ports(config: ServerConfig) -> None:
     if config.grpc_port:  # 0: any free port
         _check_bindable(config.host, config.grpc_port, f"cannot listen on {config.grpc_address}")
     if config.metrics_port:
-        where = f"cannot serve metrics on {config.host}:{config.metrics_port}"
-        _check_bindable(config.host, config.metrics_port, where)
+        where = f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}"
+        _check_bindable(config.metrics_host, config.metrics_port, where)
 
 
 def _check_bindable(host: str, port: int, what: str) -> None:

@@ -269,11 +269,11 @@ def test_a_full_queue_refuses_at_once_and_admits_again_once_it_drains(executor):
         await asyncio.sleep(0.01)  # the first batch runs (held by the gate): not queued
         queued = [asyncio.ensure_future(batcher.infer(tagged(10, 3)))]
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded, match="3 images in 1 requests waiting"):
+        with pytest.raises(Overloaded, match="3 images in 1 entries waiting"):
             await batcher.infer(tagged(20, 4))  # 3 + 4 images > 6
         queued.append(asyncio.ensure_future(batcher.infer(tagged(30, 2))))
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded, match="at most 6 images and 3 requests"):
+        with pytest.raises(Overloaded, match="at most 6 images and 3 entries"):
             await batcher.infer(tagged(40, 5))  # split into 2 chunks: 2 + 2 > 3 requests
         queued.append(asyncio.ensure_future(batcher.infer(tagged(50, 1))))
         await asyncio.sleep(0)

@@ -76,11 +76,11 @@ def _shared_memory_input(request):
         (_request_outputs("digit", "digit"), "outputs[1].name: 'digit' is requested twice"),
         (
             _classification_of("probability"),
-            "outputs[0].parameters: classification is not supported",
+            "outputs[0].parameters: 'classification' is not supported",
         ),
         (
             _shared_memory_input,
-            "inputs[0].parameters: shared_memory_byte_size, shared_memory_region are not",
+            "inputs[0].parameters: 'shared_memory_byte_size', 'shared_memory_region' are not",
         ),
     ],
 )
