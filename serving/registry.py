@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from serving.batcher import BatchListener, DynamicBatcher
+from serving.batcher import BatchListener, DynamicBatcher, PredictFunction
 from serving.errors import ModelNotFound
 from serving.repository import ModelCard, ModelVersion, RepositoryError, parse_version
-from serving.runtime import ModelRuntime, RuntimeOptions
+from serving.runtime import ExplanationRuntime, ModelRuntime, RuntimeOptions
 from serving.stats import InferenceStats
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,17 @@ class BatchingOptions:
     max_queue_delay_s: float = 0.0
 
 
+@dataclass(frozen=True, eq=False)
+class LoadedExplanation:
+    """A version's explanation graph, served beside its model: a session of its own with
+    the same runtime options, and a batcher of its own (a batch is of one graph) on the
+    same executor, statistics and batch listener: an explanation is an inference of the
+    version, which also classifies its images."""
+
+    runtime: ExplanationRuntime
+    batcher: DynamicBatcher
+
+
 @dataclass(eq=False)
 class LoadedModel:
     name: str
@@ -40,6 +51,7 @@ class LoadedModel:
     batcher: DynamicBatcher
     card: ModelCard
     stats: InferenceStats
+    explanation: LoadedExplanation | None = None  # None: published without explanation.onnx
     in_flight: int = 0
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
@@ -141,28 +153,43 @@ def load_model_version(
     executor: Executor,
     on_batch: BatchListener | None = None,
 ) -> LoadedModel:
-    """Load, check and warm up one version (blocking: call it off the event loop)."""
+    """Load, check and warm up one version, and its explanation graph if it has one
+    (blocking: call it off the event loop). A version whose explanation graph does not
+    load is not served, like one whose model does not: its files are damaged."""
     runtime = ModelRuntime(model_version.model_path, runtime_options)
+    explainer = (
+        ExplanationRuntime(model_version.explanation_path, runtime_options)
+        if model_version.explanation_path.exists()
+        else None
+    )
     try:
         card = model_version.read_card()
     except RepositoryError as error:
         log.warning("%s", error)  # the model still serves; only its description is missing
         card = ModelCard()
     stats = InferenceStats()
-    batcher = DynamicBatcher(
-        runtime.predict,
-        executor,
-        max_batch_size=batching.max_batch_size,
-        max_queue_delay_s=batching.max_queue_delay_s,
-        stats=stats,
-        on_batch=on_batch,
-    )
+
+    def batcher_for(predict: PredictFunction) -> DynamicBatcher:
+        return DynamicBatcher(
+            predict,
+            executor,
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_s,
+            stats=stats,
+            on_batch=on_batch,
+        )
+
     return LoadedModel(
         name=model_version.name,
         version=model_version.version,
         path=model_version.path,
         runtime=runtime,
-        batcher=batcher,
+        batcher=batcher_for(runtime.predict),
         card=card,
         stats=stats,
+        explanation=(
+            LoadedExplanation(explainer, batcher_for(explainer.run))
+            if explainer is not None
+            else None
+        ),
     )
