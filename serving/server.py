@@ -23,7 +23,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.batcher import BatchListener
-from serving.classifier import ClassifierServicer
+from serving.classifier import MAX_EXPLANATION_BYTES, ClassifierServicer
 from serving.config import ServerConfig, load_config
 from serving.contract import PIXELS
 from serving.dataplane import DataPlane
@@ -142,10 +142,12 @@ class InferenceServer:
     def _build_grpc_server(self) -> None:
         config = self.config
         message_limit = config.max_request_images * PIXELS * 2 + 1024 * 1024
+        # The largest answer is Explain's, each image's votes and pixels: 3x its request.
+        answer_limit = config.max_request_images * MAX_EXPLANATION_BYTES + 1024 * 1024
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", message_limit),
-                ("grpc.max_send_message_length", message_limit),
+                ("grpc.max_send_message_length", answer_limit),
                 ("grpc.so_reuseport", 0),
             ]
         )

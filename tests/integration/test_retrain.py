@@ -149,6 +149,9 @@ def test_first_candidate_is_published_as_version_1(first) -> None:
     assert summary["report"] == str((work_dir / REPORT_FILE).resolve())
     (published,) = list_versions(repository, "mnist37")
     assert published.version == 1
+    # published through training.publish: the explanation graph too, checked
+    assert published.explanation_path.is_file()
+    assert published.read_card().explanation_file.check["digit_mismatches"] == 0
     report = read_report(work_dir)
     assert report["decision"] == "published" and report["published"]["version"] == 1
     assert report["candidate"]["gate_score"]["count"] == 2038
