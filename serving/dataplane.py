@@ -3,9 +3,8 @@ request.
 
 Both gRPC APIs (Open Inference Protocol and mnist37.v1.Classifier) call `DataPlane.infer`,
 and Classifier's Explain `DataPlane.explain`, with plain numpy data and get plain results
-or a typed `ServingError` back. Whether the
-server still takes requests, and how many are in flight, is the edge's business
-(`serving.edge.EdgeState`), not the data plane's.
+or a typed `ServingError` back. Whether the server still takes requests, and how many are
+in flight, is the edge's business (`serving.edge.EdgeState`), not the data plane's.
 """
 
 from __future__ import annotations
