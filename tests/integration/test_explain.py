@@ -16,7 +16,7 @@ from helpers import TRAINING_SEED, png, train_quickly
 from serving.client import Mnist37Client
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
-from serving.imaging import png_to_image
+from serving.imaging import DEFAULT_PNG_LIMITS, png_to_image
 from serving.launcher import ServerProcess, start_server
 from serving.registry import BatchingOptions, load_model_version
 from serving.runtime import ExplanationRuntime, RuntimeOptions
@@ -127,7 +127,8 @@ def test_a_png_is_explained_as_the_digit_it_converts_to(client, test_digits):
     drawing = png(np.kron(255 - image, np.ones((3, 3), np.uint8)))  # dark ink on white, 84 px
     (from_png,) = client.explain([drawing], "mlp")
     (from_pixels,) = client.explain([from_png.pixels], "mlp")
-    np.testing.assert_array_equal(from_png.pixels, png_to_image(drawing, 0, 2**21))
+    converted = png_to_image(drawing, 0, DEFAULT_PNG_LIMITS.image_pixels)
+    np.testing.assert_array_equal(from_png.pixels, converted)
     np.testing.assert_array_equal(from_png.contributions, from_pixels.contributions)
     assert (from_png.logit, from_png.model_name, from_png.model_version) == (
         from_pixels.logit,
