@@ -1,4 +1,6 @@
-"""The domain API servicer, `mnist37.v1.Classifier`: images in, digits and P(7) out."""
+"""The domain API servicer, `mnist37.v1.Classifier`: images in; digits and P(7) out
+(`Classify`), or the same as pixel votes (`Explain`). Both RPCs take the same request and
+share its checks, its decoding and their limits."""
 
 from __future__ import annotations
 
@@ -10,8 +12,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
-from serving.contract import IMAGE_SIDE
-from serving.dataplane import DataPlane, InferenceResult
+from serving.contract import IMAGE_SIDE, PIXELS
+from serving.dataplane import DataPlane, ExplanationResult, InferenceResult
 from serving.edge import EdgeState, RpcCall, deadline_of
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
@@ -23,11 +25,22 @@ from serving.imaging import (
     pixels_to_image,
     png_to_image,
 )
+from serving.registry import LoadedModel
 from serving.repository import DEFAULT_MODEL_NAME
+
+# Contributions go out as little-endian float32 bytes (classifier.proto says why).
+CONTRIBUTION_DTYPE = np.dtype("<f4")
+MAX_EXPLANATION_BYTES = PIXELS * CONTRIBUTION_DTYPE.itemsize + PIXELS + 2 * 255 + 64
+"""The most one image's Explanation takes on the wire: its votes, its pixels, the model
+name and version (at most 255 bytes each, a file name's limit) and the rest (under 64)."""
 
 
 def _never() -> bool:
     return False
+
+
+def _any_model(model: LoadedModel) -> None:
+    """Every resolved model may classify."""
 
 
 def decode_images(
@@ -80,13 +93,33 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
         async with RpcCall(self.dataplane, self.edge, "Classify", context, inference=True) as call:
-            name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
-            call.resolve(name, version)  # an unknown model fails before any decoding
-            images = await self._decode(request.images, context)
-            # Resolve again: a version retired while PNGs decoded must not be used.
-            model = call.resolve(name, version)
+            model, images = await self._model_and_images(call, request, context)
             result = await self.dataplane.infer(model, images, deadline_of(context))
             return _response(result)
+
+    async def Explain(self, request: pb.ClassifyRequest, context) -> pb.ExplainResponse:
+        async with RpcCall(self.dataplane, self.edge, "Explain", context, inference=True) as call:
+            model, images = await self._model_and_images(
+                call, request, context, admit=self.dataplane.explanation_of
+            )
+            result = await self.dataplane.explain(model, images, deadline_of(context))
+            return _explain_response(result, images)
+
+    async def _model_and_images(
+        self,
+        call: RpcCall,
+        request: pb.ClassifyRequest,
+        context,
+        admit: Callable[[LoadedModel], object] = _any_model,
+    ) -> tuple[LoadedModel, np.ndarray]:
+        """The requested model and the request's images as uint8 [N, 28, 28]: the part
+        every RPC of the service shares. `admit(model)` raises if the RPC cannot run on
+        the model; like an unknown model, that fails before any decoding."""
+        name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
+        admit(call.resolve(name, version))
+        images = await self._decode(request.images, context)
+        # Resolve again: a version retired while PNGs decoded must not be used.
+        return call.resolve(name, version), images
 
     async def _decode(self, images: Sequence[pb.Image], context) -> np.ndarray:
         self.dataplane.check_image_count(len(images), "images")
@@ -121,6 +154,35 @@ def _response(result: InferenceResult) -> pb.ClassifyResponse:
             )
             for probability, digit in zip(
                 result.probability.tolist(), result.digit.tolist(), strict=True
+            )
+        ]
+    )
+
+
+def _explain_response(result: ExplanationResult, images: np.ndarray) -> pb.ExplainResponse:
+    explanation = pb.Explanation
+    name, version = result.model_name, result.model_version
+    votes = result.contributions.astype(CONTRIBUTION_DTYPE, copy=False)
+    return pb.ExplainResponse(
+        explanations=[
+            explanation(
+                contributions=image_votes.tobytes(),
+                bias_term=bias_term,
+                logit=logit,
+                probability_seven=probability,
+                digit=digit,
+                model_name=name,
+                model_version=version,
+                pixels=image.tobytes(),
+            )
+            for image_votes, bias_term, logit, probability, digit, image in zip(
+                votes,
+                result.bias_term.tolist(),
+                result.logit.tolist(),
+                result.probability.tolist(),
+                result.digit.tolist(),
+                images,
+                strict=True,
             )
         ]
     )

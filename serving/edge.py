@@ -2,8 +2,9 @@
 
 Every RPC runs inside one `RpcCall`, which turns a `ServingError` into its status code,
 counts the RPC by code with its model and version (bounded labels), times it, and logs it
-once if it failed (rate-limited per RPC and code). An inference request refused as invalid
-after its model was resolved also counts as failed in that model's Triton statistics.
+once if it failed (rate-limited per RPC and code). An inference request refused (invalid,
+or an Explain of a version that cannot explain) after its model was resolved also counts
+as failed in that model's Triton statistics.
 
 `EdgeState` is what the edge knows across RPCs: the inference requests in flight, whether
 new ones are still accepted (the drain in `serving.server` waits for the first to reach 0,
@@ -25,6 +26,7 @@ from serving.errors import (
     DeadlineExpired,
     InvalidInput,
     ModelNotFound,
+    NotExplainable,
     Overloaded,
     ServerNotReady,
     ServingError,
@@ -43,7 +45,11 @@ _STATUS = {
     ServerNotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotExplainable: grpc.StatusCode.FAILED_PRECONDITION,
 }
+# Refused by the model the RPC resolved, before any inference: counted as failed requests
+# in that model's Triton statistics here, since the data plane never saw them run.
+_REFUSED = (InvalidInput, NotExplainable)
 
 _CLIENT_SIDE = {
     grpc.StatusCode.CANCELLED,
@@ -52,6 +58,7 @@ _CLIENT_SIDE = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -145,7 +152,7 @@ class RpcCall:
             return
         if isinstance(error, ServingError):
             code, details = _STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error)
-            if self._inference and self._loaded is not None and isinstance(error, InvalidInput):
+            if self._inference and self._loaded is not None and isinstance(error, _REFUSED):
                 self._dataplane.record_rejected(self._loaded, int(seconds * 1e9))
         elif isinstance(error, asyncio.CancelledError):
             code, details = self._cancellation()

@@ -50,3 +50,10 @@ class Overloaded(ServingError):
     """A bounded resource (a model's queue, the decoding threads) is full: retry later."""
 
     kind = "resource_exhausted"
+
+
+class NotExplainable(ServingError):
+    """The model version cannot explain its predictions: it was published without an
+    explanation graph."""
+
+    kind = "failed_precondition"

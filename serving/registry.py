@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from serving.batcher import BatchListener, DynamicBatcher
+from serving.batcher import BatchListener, DynamicBatcher, PredictFunction
 from serving.errors import ModelNotFound, shown
-from serving.repository import MODEL_FILE, ModelCard, ModelVersion, parse_version
-from serving.runtime import ModelRuntime, RuntimeOptions
+from serving.repository import EXPLANATION_FILE, MODEL_FILE, ModelCard, ModelVersion, parse_version
+from serving.runtime import ExplanationRuntime, ModelRuntime, RuntimeOptions
 from serving.stats import InferenceStats
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,17 @@ class BatchingOptions:
     max_queued_requests: int | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class LoadedExplanation:
+    """A version's explanation graph, served beside its model: a session of its own with
+    the same runtime options, and a batcher of its own (a batch is of one graph) on the
+    same executor, statistics and batch listener: an explanation is an inference of the
+    version, which also classifies its images."""
+
+    runtime: ExplanationRuntime
+    batcher: DynamicBatcher
+
+
 @dataclass(eq=False)
 class LoadedModel:
     name: str
@@ -42,6 +53,7 @@ class LoadedModel:
     batcher: DynamicBatcher
     card: ModelCard
     stats: InferenceStats
+    explanation: LoadedExplanation | None = None  # None: published without explanation.onnx
     in_flight: int = 0
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
@@ -143,29 +155,43 @@ def load_model_version(
     executor: Executor,
     on_batch: BatchListener | None = None,
 ) -> LoadedModel:
-    """Load, check and warm up one version (blocking: call it off the event loop). Its
-    card must be readable and its `model.onnx` the file the card describes (sha256, inside
-    the repository): a version that is not what was published is not served."""
+    """Load, check and warm up one version, and its explanation graph if it has one
+    (blocking: call it off the event loop). Its card must be readable and each file the
+    one the card describes (sha256, inside the repository): a version that is not what
+    was published is not served, nor one whose explanation graph does not load."""
     card = model_version.read_card()
+    label = Path(model_version.label)
     model = model_version.read_verified(card, card.model_file)
-    runtime = ModelRuntime(Path(model_version.label) / MODEL_FILE, runtime_options, model)
+    runtime = ModelRuntime(label / MODEL_FILE, runtime_options, model)
+    explainer = None
+    if card.explanation_file is not None or model_version.explanation_path.exists():
+        graph = model_version.read_verified(card, card.explanation_file, EXPLANATION_FILE)
+        explainer = ExplanationRuntime(label / EXPLANATION_FILE, runtime_options, graph)
     stats = InferenceStats()
-    batcher = DynamicBatcher(
-        runtime.predict,
-        executor,
-        max_batch_size=batching.max_batch_size,
-        max_queue_delay_s=batching.max_queue_delay_s,
-        max_queued_images=batching.max_queued_images,
-        max_queued_requests=batching.max_queued_requests,
-        stats=stats,
-        on_batch=on_batch,
-    )
+
+    def batcher_for(predict: PredictFunction) -> DynamicBatcher:
+        return DynamicBatcher(
+            predict,
+            executor,
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_s,
+            max_queued_images=batching.max_queued_images,
+            max_queued_requests=batching.max_queued_requests,
+            stats=stats,
+            on_batch=on_batch,
+        )
+
     return LoadedModel(
         name=model_version.name,
         version=model_version.version,
         path=model_version.path,
         runtime=runtime,
-        batcher=batcher,
+        batcher=batcher_for(runtime.predict),
         card=card,
         stats=stats,
+        explanation=(
+            LoadedExplanation(explainer, batcher_for(explainer.run))
+            if explainer is not None
+            else None
+        ),
     )

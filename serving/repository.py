@@ -1,4 +1,5 @@
-"""The model repository: `<repository>/<model_name>/<version>/{model.onnx,model.json}`.
+"""The model repository: `<repository>/<model_name>/<version>/{model.onnx,model.json}`,
+and `explanation.onnx` in versions that can explain their predictions.
 
 The layout follows Triton's. Versions are positive integers. A version directory appears
 complete or not at all: publishers build it in a hidden staging directory on the same
@@ -21,14 +22,17 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from serving.atomic import fsync_directory, write_json_atomically
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
+EXPLANATION_FILE = "explanation.onnx"
+"""The explanation graph (training/explain.py), published next to the model since the
+Explain RPC; versions published before have none."""
 DEFAULT_MODEL_NAME = "mnist37"
 _LOCK_FILE = ".publish.lock"
 _HIGHEST_VERSION_FILE = ".highest-version"
@@ -70,6 +74,19 @@ class ModelFileRecord:
 
 
 @dataclass(frozen=True)
+class ExplanationFileRecord(ModelFileRecord):
+    """The card's `explanation_file`: what `explanation.onnx` was when it was published,
+    and the check it passed then (`training.explain.ExplanationReport.as_dict()`)."""
+
+    name: str = EXPLANATION_FILE
+    check: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, graph: bytes, check: Mapping[str, Any] | None = None) -> ExplanationFileRecord:
+        return replace(super().of(graph), check=_copy(check))
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """A version's model card (`model.json`), one attribute per top-level key of the schema
     (keys it does not know are not kept).
@@ -87,6 +104,7 @@ class ModelCard:
     training: Mapping[str, Any] | None = None
     metrics: Mapping[str, Any] | None = None  # {"test": {"accuracy": ..., ...}}
     model_file: ModelFileRecord | None = None
+    explanation_file: ExplanationFileRecord | None = None  # None: the version cannot explain
     onnx: Mapping[str, Any] | None = None
     parity: Mapping[str, Any] | None = None
     libraries: Mapping[str, str] | None = None
@@ -132,7 +150,12 @@ class ModelCard:
             published_at=field("published_at", str),
             training=field("training", dict),
             metrics=_read_metrics(field("metrics", dict), where),
-            model_file=_read_model_file(field("model_file", dict), where),
+            model_file=_read_file_record(
+                field("model_file", dict), ModelFileRecord, "model_file", where
+            ),
+            explanation_file=_read_file_record(
+                field("explanation_file", dict), ExplanationFileRecord, "explanation_file", where
+            ),
             onnx=field("onnx", dict),
             parity=field("parity", dict),
             libraries=field("libraries", dict),
@@ -143,6 +166,7 @@ class ModelCard:
     def as_json(self) -> dict[str, Any]:
         """The card as `model.json` holds it; what it does not say is left out."""
         architecture, model_file = self.architecture, self.model_file
+        explanation = self.explanation_file
         keys = {
             "schema_version": self.schema_version,
             "name": self.name,
@@ -154,6 +178,7 @@ class ModelCard:
             "training": _copy(self.training),
             "metrics": _copy(self.metrics),
             "model_file": asdict(model_file) if model_file is not None else None,
+            "explanation_file": asdict(explanation) if explanation is not None else None,
             "onnx": _copy(self.onnx),
             "parity": _copy(self.parity),
             "libraries": _copy(self.libraries),
@@ -212,14 +237,22 @@ def _read_metrics(metrics: dict | None, where: str) -> dict | None:
     return metrics
 
 
-def _read_model_file(model_file: dict | None, where: str) -> ModelFileRecord | None:
-    if model_file is None:
+_FILE_RECORD_KINDS = {"sha256": str, "bytes": int, "name": str, "check": dict}
+FileRecord = TypeVar("FileRecord", bound=ModelFileRecord)
+
+
+def _read_file_record(
+    record: dict | None, kind: type[FileRecord], key: str, where: str
+) -> FileRecord | None:
+    """The card's record `key` of one of the version's files, as a `kind`; what the card
+    leaves out or leaves empty (an older card has no `name`) takes `kind`'s default."""
+    if record is None:
         return None
-    return ModelFileRecord(
-        sha256=_field(model_file, "sha256", str, where, "model_file."),
-        bytes=_field(model_file, "bytes", int, where, "model_file."),
-        name=_field(model_file, "name", str, where, "model_file.") or MODEL_FILE,
-    )
+    values = {
+        name: _field(record, name, _FILE_RECORD_KINDS[name], where, f"{key}.")
+        for name in (field.name for field in fields(kind))
+    }
+    return kind(**{name: value for name, value in values.items() if value not in (None, "")})
 
 
 def _copy(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -247,16 +280,22 @@ class ModelVersion:
         """`name/version`: how messages shown to clients name the version (no paths)."""
         return f"{self.name}/{self.version}"
 
+    @property
+    def explanation_path(self) -> Path:
+        """Where the version's explanation graph is, if it has one."""
+        return self.path / EXPLANATION_FILE
+
     def read_card(self) -> ModelCard:
         """The version's model card; RepositoryError if it is unreadable or malformed."""
         return ModelCard.read(self.card_path, f"{self.label}/{CARD_FILE}")
 
-    def read_verified(self, card: ModelCard, record: ModelFileRecord | None) -> bytes:
+    def read_verified(
+        self, card: ModelCard, record: ModelFileRecord | None, name: str = MODEL_FILE
+    ) -> bytes:
         """The bytes of the file `record` describes, checked against it: a regular file
         inside the repository (a symbolic link may not lead out of it) whose sha256 is the
         one the card recorded at publishing. The caller loads these very bytes, so the file
         cannot change between the check and the load."""
-        name = record.name if record is not None else MODEL_FILE
         shown = f"{self.label}/{name}"
         if record is None or not record.sha256:
             raise RepositoryError(f"{shown}: the model card records no sha256 to check it by")

@@ -25,7 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from serving.access import AccessConfigError, AuthInterceptor, TokenFile, server_credentials
 from serving.batcher import BatchListener
-from serving.classifier import ClassifierServicer
+from serving.classifier import MAX_EXPLANATION_BYTES, ClassifierServicer
 from serving.config import ServerConfig, load_config
 from serving.console import console_script
 from serving.contract import PIXELS
@@ -173,11 +173,13 @@ class InferenceServer:
     def _grpc_options(self) -> list[tuple[str, int]]:
         """The channel arguments that bound what one client can make the server spend."""
         config = self.config
-        # The largest valid request (typed contents: up to 2 bytes a pixel) and response.
+        # The largest valid request (typed contents: up to 2 bytes a pixel), and the largest
+        # answer, Explain's: each image's votes and pixels, 3x its request.
         message_limit = config.max_request_images * PIXELS * 2 + 1024 * 1024
+        answer_limit = config.max_request_images * MAX_EXPLANATION_BYTES + 1024 * 1024
         return [
             ("grpc.max_receive_message_length", message_limit),
-            ("grpc.max_send_message_length", message_limit),
+            ("grpc.max_send_message_length", answer_limit),
             # gzip/deflate would be inflated before the size check (1 MB on the wire can
             # become 1 GB): identity only, so a compressed request is refused unread.
             ("grpc.compression_enabled_algorithms_bitset", 1),

@@ -20,7 +20,13 @@ from leakcheck import pytest_sessionfinish  # noqa: F401 (a hook: pytest finds i
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.idx import read_images, read_labels
 from serving.launcher import ServerProcess, start_server
-from serving.synthetic import mean_difference_model, publish_model, random_linear_model
+from serving.synthetic import (
+    linear_explanation_bytes,
+    linear_model_bytes,
+    mean_difference_weights,
+    publish_model,
+    random_linear_model,
+)
 
 INTEGRATION = REPO_ROOT / "tests" / "integration"
 
@@ -48,11 +54,18 @@ def test_digits() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory, test_digits) -> Path:
-    """`mnist37` v1 (random weights) and v2 (a decent mean-difference classifier), plus
-    `other` v1."""
+    """`mnist37` v1 (random weights) and v2 (a decent mean-difference classifier, with its
+    explanation graph), plus `other` v1 (random, published without an explanation graph, as
+    every version was before Explain)."""
     repository = tmp_path_factory.mktemp("repository")
+    decent = mean_difference_weights(*test_digits)
     publish_model(repository, "mnist37", random_linear_model(seed=1))
-    publish_model(repository, "mnist37", mean_difference_model(*test_digits))
+    publish_model(
+        repository,
+        "mnist37",
+        linear_model_bytes(*decent),
+        explanation=linear_explanation_bytes(*decent),
+    )
     publish_model(repository, "other", random_linear_model(seed=2))
     return repository
 

@@ -41,7 +41,14 @@ from serving.reloader import ModelReloader
 from serving.repository import CARD_FILE, MODEL_FILE, ModelCard, ModelFileRecord, ModelVersion
 from serving.runtime import RuntimeOptions
 from serving.server import InferenceServer
-from serving.synthetic import mean_difference_model, publish_model, random_linear_model
+from serving.synthetic import (
+    linear_explanation_bytes,
+    linear_model_bytes,
+    mean_difference_model,
+    publish_model,
+    random_linear_model,
+    random_linear_weights,
+)
 
 MODEL = "mnist37"
 GARBAGE = b"this is not an ONNX model"
@@ -306,6 +313,33 @@ def test_a_broken_version_is_skipped_and_retried_only_when_its_files_change(make
     run(scenario())
     assert changes, "health was told about the changes"
     assert changes[-1] is True
+
+
+def test_a_version_with_a_broken_explanation_graph_waits_for_it_to_be_fixed(make_harness):
+    harness = make_harness()
+    harness.publish(random_linear_model(seed=1))
+    weights = random_linear_weights(seed=2)
+    explanation = linear_explanation_bytes(*weights)
+    broken = publish_model(
+        harness.repository, MODEL, linear_model_bytes(*weights), explanation=explanation[:50]
+    )
+
+    async def scenario():
+        await harness.reloader.reload()
+        assert harness.served() == [1], "a version loads with its explanation graph or not"
+        assert "explanation.onnx" in harness.registry.load_failures[(MODEL, 2)]
+        attempts = len(harness.loads)
+        await harness.reloader.reload()
+        assert len(harness.loads) == attempts
+        # The explanation graph is part of the version's fingerprint: fixing it retries.
+        fixed = broken.path / "fixed.tmp"
+        fixed.write_bytes(explanation)
+        os.replace(fixed, broken.explanation_path)
+        await harness.reloader.reload()
+        assert harness.served() == [2]
+        assert harness.registry.resolve(MODEL).explanation is not None
+
+    run(scenario())
 
 
 async def _record(changes: list[bool], harness: Harness) -> None:

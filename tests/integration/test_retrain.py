@@ -151,7 +151,7 @@ def test_without_arch_the_candidate_has_the_latest_versions_architecture(tmp_pat
     )
     publish_model(tmp_path, "mnist37", random_linear_model())
     assert chosen().name == "linear"
-    publish_model(tmp_path, "mnist37", random_linear_model(), Architecture("mlp", 16))
+    publish_model(tmp_path, "mnist37", random_linear_model(), architecture=Architecture("mlp", 16))
     assert chosen() == ChosenArchitecture(
         "mlp", 16, "that of mnist37 version 2, the latest published"
     )
@@ -163,7 +163,7 @@ def test_without_arch_the_candidate_has_the_latest_versions_architecture(tmp_pat
 
 
 def test_an_unreadable_architecture_is_an_error_that_says_to_set_arch(tmp_path) -> None:
-    publish_model(tmp_path, "mnist37", random_linear_model(), Architecture("resnet"))
+    publish_model(tmp_path, "mnist37", random_linear_model(), architecture=Architecture("resnet"))
     args = parse_args(["--repository", str(tmp_path)], {})
     with pytest.raises(RetrainError, match=r"names no architecture.*'resnet'.*set --arch"):
         choose_architecture(args, latest_version(tmp_path, "mnist37"))
@@ -210,6 +210,9 @@ def test_first_candidate_is_published_as_version_1(first) -> None:
     assert summary["report"] == str((work_dir / REPORT_FILE).resolve())
     (published,) = list_versions(repository, "mnist37")
     assert published.version == 1
+    # published through training.publish: the explanation graph too, checked
+    assert published.explanation_path.is_file()
+    assert published.read_card().explanation_file.check["digit_mismatches"] == 0
     report = read_report(work_dir)
     assert report["decision"] == "published" and report["published"]["version"] == 1
     assert report["candidate"]["gate_score"]["count"] == 2038

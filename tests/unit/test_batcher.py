@@ -288,3 +288,30 @@ def test_a_full_queue_refuses_at_once_and_admits_again_once_it_drains(executor):
     answers, alone = run(scenario())
     assert [digit.tolist() for _, digit in answers] == [[0, 1, 2, 3], [10, 11, 12], [30, 31], [50]]
     assert alone[1].tolist() == list(range(70, 79))
+
+
+def test_any_number_of_outputs_is_batched_split_and_delivered_row_for_row(executor):
+    """The explanation graph gives five arrays, one of them [N, 28, 28]: each caller still
+    gets exactly its rows of each, a split request its chunks joined."""
+
+    def explain(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        probability, ids = RecordingModel()(images)
+        votes = images.astype(np.float32)
+        return votes, -probability, ids.astype(np.float32), probability, ids
+
+    async def scenario():
+        batcher = DynamicBatcher(explain, executor, max_batch_size=8)
+        requests = [tagged(100 * index, count) for index, count in enumerate((1, 3, 20))]
+        return requests, await asyncio.gather(*(batcher.infer(images) for images in requests))
+
+    requests, results = run(scenario())
+    for images, (votes, negated, as_float, probability, ids) in zip(requests, results, strict=True):
+        expected_ids = tagged_ids(images)
+        np.testing.assert_array_equal(votes, images.astype(np.float32))
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_array_equal(as_float, expected_ids.astype(np.float32))
+        np.testing.assert_array_equal(negated, -probability)
+
+
+def tagged_ids(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, :3].astype(np.int64) @ np.array([1, 256, 65536])
