@@ -92,11 +92,15 @@ class GraphRuntime:
         session_options.graph_optimization_level = _GRAPH_OPTIMIZATION[options.graph_optimization]
         session_options.log_severity_level = 3
         providers = requested_providers(options.device)
-        self.session = ort.InferenceSession(
-            model_bytes if model_bytes is not None else str(model_path),
-            sess_options=session_options,
-            providers=providers,
-        )
+        try:
+            self.session = ort.InferenceSession(
+                model_bytes if model_bytes is not None else str(model_path),
+                sess_options=session_options,
+                providers=providers,
+            )
+        except Exception as error:  # onnxruntime's errors derive from Exception only
+            # Loaded from bytes, onnxruntime cannot name the file: say which it was.
+            raise ModelLoadError(f"{model_path}: {type(error).__name__}: {error}") from error
         # onnxruntime falls back to CPU silently when a provider fails to initialise.
         self.provider = self.session.get_providers()[0]
         if options.device == "cuda" and self.provider != CUDA_PROVIDER:

@@ -38,7 +38,14 @@ from serving.generated.mnist37.v1 import classifier_pb2
 from serving.launcher import free_port, start_server
 from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
-from serving.repository import CARD_FILE, MODEL_FILE, ModelCard, ModelFileRecord, ModelVersion
+from serving.repository import (
+    CARD_FILE,
+    MODEL_FILE,
+    ExplanationFileRecord,
+    ModelCard,
+    ModelFileRecord,
+    ModelVersion,
+)
 from serving.runtime import RuntimeOptions
 from serving.server import InferenceServer
 from serving.synthetic import (
@@ -335,6 +342,11 @@ def test_a_version_with_a_broken_explanation_graph_waits_for_it_to_be_fixed(make
         fixed = broken.path / "fixed.tmp"
         fixed.write_bytes(explanation)
         os.replace(fixed, broken.explanation_path)
+        await harness.reloader.reload()
+        assert harness.served() == [1], "a file that is not what the card records is refused"
+        card = broken.read_card()
+        record = ExplanationFileRecord.of(explanation)
+        replace(card, explanation_file=record).write(broken.card_path)
         await harness.reloader.reload()
         assert harness.served() == [2]
         assert harness.registry.resolve(MODEL).explanation is not None

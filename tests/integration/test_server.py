@@ -438,7 +438,7 @@ def test_tritonclient_works_unchanged(server, test_digits, offline, tmp_path):
     np.testing.assert_allclose(result["probability"], probability, rtol=1e-6)
     assert result["only_digit_outputs"] == ["digit"]
     assert result["top_classes"] == (
-        "StatusCode.INVALID_ARGUMENT outputs[0].parameters: classification is not supported"
+        "StatusCode.INVALID_ARGUMENT outputs[0].parameters: 'classification' is not supported"
     )
     assert result["metadata_inputs"][0]["datatype"] == "UINT8"
     assert result["max_batch_size"] == MAX_IMAGES
