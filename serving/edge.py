@@ -71,6 +71,14 @@ class EdgeState:
     failure_log: FailureLogLimiter = field(default_factory=lambda: FailureLogLimiter(0))
     in_flight: int = 0  # inference requests being handled: the drain waits for 0
     accepting: bool = True  # False once the drain stops taking new inference requests
+    # time.monotonic() of the latest inference request's arrival, refused ones included:
+    # the drain stops the transport only once clients have stopped sending.
+    last_arrival: float = float("-inf")
+
+    def arrived(self) -> None:
+        """An inference request came in (whether or not it will be accepted)."""
+        self.in_flight += 1
+        self.last_arrival = time.monotonic()
 
     def check_accepting(self) -> None:
         """Refuse an inference request once the drain stopped accepting them."""
@@ -139,7 +147,7 @@ class RpcCall:
 
     async def __aenter__(self) -> RpcCall:
         if self._inference:
-            self._edge.in_flight += 1
+            self._edge.arrived()
         self._start = time.perf_counter()
         return self
 

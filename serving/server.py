@@ -4,9 +4,12 @@ Health: the overall service "" (and each gRPC service) is readiness, SERVING whi
 is loaded; `liveness` is SERVING from the moment the server answers, model or not.
 
 Shutdown on SIGTERM/SIGINT is a drain: every health service, `liveness` included, turns
-NOT_SERVING (load balancers stop sending), every request that reaches the server is still
-served until none has been in flight for --drain-quiet-period, and only then does the gRPC
-server stop, with nothing left to cancel. A second signal skips the wait.
+NOT_SERVING (load balancers stop sending) and requests are served as before until none has
+been in flight for --drain-quiet-period (half of --shutdown-timeout at most, for clients
+that keep sending). Then new inference requests are refused with UNAVAILABLE (a client
+retries elsewhere) while those in flight finish, and only once no request has arrived for
+the quiet period does the gRPC server stop: nothing is left for it to cancel. A second
+signal skips every wait and stops at once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ import logging
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -271,27 +275,59 @@ class InferenceServer:
                 continue
             await self.health.set(name, serving if self.registry.versions(name) else not_serving)
 
+    async def _until_quiet(
+        self, quiet: Callable[[], bool], until: float, force: asyncio.Event
+    ) -> None:
+        """Returns once `quiet()` has held for --drain-quiet-period, at `until` (event-loop
+        time), or when a second signal sets `force`."""
+        loop = asyncio.get_running_loop()
+        quiet_since: float | None = None
+        while loop.time() < until and not force.is_set():
+            now = loop.time()
+            if not quiet():
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= self.config.drain_quiet_period:
+                return
+            await asyncio.sleep(0.005)
+
+    async def _stop_grpc(self, grace: float, force: asyncio.Event) -> None:
+        """grpc's stop with `grace`, cut short to none by a second signal; after that, at
+        most a second more: a connection still in its handshake must not keep the process."""
+        stopping = asyncio.ensure_future(self.grpc_server.stop(grace))
+        forced = asyncio.ensure_future(force.wait())
+        await asyncio.wait((stopping, forced), return_when=asyncio.FIRST_COMPLETED)
+        forced.cancel()
+        if not stopping.done():
+            await self.grpc_server.stop(0)
+            await asyncio.wait((stopping,), timeout=1.0)
+
     async def drain_and_stop(self, force: asyncio.Event | None = None) -> None:
         """Stop taking traffic gracefully: see the module docstring."""
         loop = asyncio.get_running_loop()
         config = self.config
+        force = force or asyncio.Event()
         deadline = loop.time() + config.shutdown_timeout
         log.info("draining: health NOT_SERVING, finishing requests in flight")
         await self.health.enter_graceful_shutdown()
-        quiet_since: float | None = None
-        while loop.time() < deadline and not (force and force.is_set()):
-            now = loop.time()
-            if self.edge.in_flight:
-                quiet_since = None
-            elif quiet_since is None:
-                quiet_since = now
-            elif now - quiet_since >= config.drain_quiet_period:
-                break
-            await asyncio.sleep(0.005)
+        # 1. Serve as before while load balancers notice NOT_SERVING: until nothing is in
+        # flight for the quiet period, for half the time allowed at most.
+        announce_until = loop.time() + config.shutdown_timeout / 2
+        await self._until_quiet(lambda: self.edge.in_flight == 0, announce_until, force)
+        # 2. Refuse new requests (UNAVAILABLE: clients retry elsewhere), finish the ones in
+        # flight, and wait until clients stop sending, so that stopping the transport below
+        # finds no request it would have to cancel.
         self.edge.accepting = False
+
+        def settled() -> bool:
+            since = time.monotonic() - self.edge.last_arrival
+            return self.edge.in_flight == 0 and since >= config.drain_quiet_period
+
+        await self._until_quiet(settled, deadline, force)
         if self.grpc_server is not None:
-            grace = 0.0 if force and force.is_set() else max(0.0, deadline - loop.time())
-            await self.grpc_server.stop(grace)
+            grace = 0.0 if force.is_set() else max(0.0, deadline - loop.time())
+            await self._stop_grpc(grace, force)
         await self.reloader.stop()
         for model in self.registry.swap([]):
             await model.wait_idle()
