@@ -31,16 +31,16 @@ def shipped_digit_files() -> tuple[Path, Path]:
     return data / "t10k-images-idx3-ubyte.gz", data / "t10k-labels-idx1-ubyte.gz"
 
 
-def train_quickly(arch: str, epochs: int = 5):
+def train_quickly(arch: str, epochs: int = 5, seed: int = TRAINING_SEED):
     """A real `arch` model ("linear" or "mlp"), trained for a few epochs on the shipped 3s
     and 7s (about a second), in eval mode."""
     from training.data import load_dataset, split_train_validation
     from training.train import TrainConfig, fit, is_seven, new_model, reproducible, to_pixels
 
     data = load_dataset()
-    split = split_train_validation(data.train_images, data.train_labels, 0.2, TRAINING_SEED)
-    config = TrainConfig(arch=arch, epochs=epochs, seed=TRAINING_SEED)
-    with reproducible(TRAINING_SEED):
+    split = split_train_validation(data.train_images, data.train_labels, 0.2, seed)
+    config = TrainConfig(arch=arch, epochs=epochs, seed=seed)
+    with reproducible(seed):
         model = new_model(config)
         fit(
             model,

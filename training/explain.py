@@ -35,7 +35,6 @@ import torch
 from torch import nn
 
 from serving.contract import (
-    BATCH_DIMENSION,
     BIAS_TERM,
     CONTRIBUTIONS,
     DIGIT,
@@ -49,14 +48,12 @@ from serving.contract import (
     PROBABILITY,
 )
 from training.export import (
-    OPSET_VERSION,
     ExportError,
     ModelMetadata,
     ServingModel,
     check_model,
-    drop_location_metadata,
+    export_graph,
     finalize,
-    quiet_exporter,
 )
 from training.models import MLP, Linear
 from training.parity import RANDOM_BATCH_SIZES, RANDOM_SEED, as_images
@@ -182,29 +179,10 @@ def export_explanation(core: nn.Module) -> onnx.ModelProto:
     weights inside the one file, no install paths, nothing printed. Unstamped:
     `finalize_explanation` adds the model's metadata and serializes it.
     """
-    explanation_model = ExplanationModel(core).eval()
-    example = torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     try:
-        with quiet_exporter():
-            program = torch.onnx.export(
-                explanation_model,
-                (example,),
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-                opset_version=OPSET_VERSION,
-                input_names=[IMAGES.name],
-                output_names=list(EXPLANATION_OUTPUT_NAMES),
-                dynamic_shapes=({0: BATCH_DIMENSION},),
-            )
-    except Exception as error:
-        raise ExplanationError(
-            f"torch.onnx.export failed for the explanation of {type(core).__name__}: {error}"
-        ) from error
-    if program is None:
-        raise ExplanationError("torch.onnx.export returned no ONNX program")
-    model = program.model_proto
-    drop_location_metadata(model)
+        model = export_graph(ExplanationModel(core), list(EXPLANATION_OUTPUT_NAMES))
+    except ExportError as error:
+        raise ExplanationError(f"the explanation of {type(core).__name__}: {error}") from error
     model.doc_string = EXPLANATION_DOC
     check_model(model)
     return model

@@ -114,26 +114,34 @@ def export_onnx(core: nn.Module) -> onnx.ModelProto:
     The result carries no metadata yet: `finalize` stamps it (with the version, known only
     when publishing) and serializes it.
     """
-    serving_model = ServingModel(core).eval()
+    try:
+        return export_graph(ServingModel(core), [PROBABILITY.name, DIGIT.name])
+    except ExportError as error:
+        raise ExportError(
+            f"{error} ({type(core).__name__}: expects float [N, {PIXELS}] -> logit [N])"
+        ) from error
+
+
+def export_graph(module: nn.Module, output_names: list[str]) -> onnx.ModelProto:
+    """`module` (uint8 `images` [N, 28, 28] -> `output_names`) as a checked ONNX graph: the
+    dynamo exporter at OPSET_VERSION, dynamic N, weights inside the one file, no install
+    paths in it, nothing printed. The serving and the explanation graph are both made so."""
     example = torch.zeros(2, IMAGE_SIDE, IMAGE_SIDE, dtype=torch.uint8)
     try:
         with quiet_exporter():
             program = torch.onnx.export(
-                serving_model,
+                module.eval(),
                 (example,),
                 dynamo=True,
                 external_data=False,
                 verbose=False,
                 opset_version=OPSET_VERSION,
                 input_names=[IMAGES.name],
-                output_names=[PROBABILITY.name, DIGIT.name],
+                output_names=output_names,
                 dynamic_shapes=({0: BATCH_DIMENSION},),
             )
     except Exception as error:
-        raise ExportError(
-            f"torch.onnx.export failed for {type(core).__name__} "
-            f"(expects float [N, {PIXELS}] -> logit [N]): {error}"
-        ) from error
+        raise ExportError(f"torch.onnx.export failed: {error}") from error
     if program is None:
         raise ExportError("torch.onnx.export returned no ONNX program")
     model = program.model_proto

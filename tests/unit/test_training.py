@@ -11,21 +11,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import train_quickly
 
 from training.cli import main as train_main
 from training.cli import parse_args
-from training.data import load_dataset, split_train_validation
+from training.data import load_dataset
 from training.models import Linear
 from training.train import (
-    TrainConfig,
     batch_accuracy,
     confusion_matrix,
     evaluate,
-    fit,
     is_seven,
     load_checkpoint,
     mnist_loss,
-    new_model,
     predicts_seven,
     reproducible,
     shift_randomly,
@@ -78,29 +76,16 @@ def test_random_shifts_move_images_by_at_most_max_shift() -> None:
 # --- reproducibility ---------------------------------------------------------------------
 
 
-def train_small(seed: int, arch: str = "mlp", epochs: int = 3) -> torch.nn.Module:
-    data = load_dataset()
-    split = split_train_validation(data.train_images, data.train_labels, 0.2, seed)
-    config = TrainConfig(arch=arch, epochs=epochs, seed=seed)
-    with reproducible(seed):
-        model = new_model(config)
-        fit(
-            model,
-            (to_pixels(split.train_images), is_seven(split.train_labels)),
-            (to_pixels(split.validation_images), is_seven(split.validation_labels)),
-            config,
-            progress=False,
-        )
-    return model
-
-
 @pytest.mark.parametrize("arch", ["linear", "mlp"])
 def test_same_seed_gives_the_same_weights_bit_for_bit(arch: str) -> None:
-    first, second = train_small(7, arch).state_dict(), train_small(7, arch).state_dict()
+    first, second = (
+        train_quickly(arch, 3, seed=7).state_dict(),
+        train_quickly(arch, 3, seed=7).state_dict(),
+    )
     assert first.keys() == second.keys()
     for name in first:
         assert torch.equal(first[name], second[name]), name
-    different = train_small(8, arch).state_dict()
+    different = train_quickly(arch, 3, seed=8).state_dict()
     assert not all(torch.equal(first[name], different[name]) for name in first)
 
 
