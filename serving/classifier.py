@@ -1,4 +1,7 @@
-"""The domain API servicer, `mnist37.v1.Classifier`: images in, digits and P(7) out."""
+"""The domain API, `mnist37.v1.Classifier`: images in, digits and P(7) out.
+
+`Classification` is the operation itself, protocol-free; `ClassifierServicer` serves it
+over gRPC and `serving.rest.classify` over HTTP."""
 
 from __future__ import annotations
 
@@ -12,7 +15,7 @@ import numpy as np
 
 from serving.contract import IMAGE_SIDE
 from serving.dataplane import DataPlane, InferenceResult
-from serving.edge import EdgeState, RpcCall, deadline_of
+from serving.edge import EdgeCall, EdgeState, RpcCall
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
@@ -63,36 +66,42 @@ def decode_images(
     return batch
 
 
-class ClassifierServicer(pb_grpc.ClassifierServicer):
+class Classification:
+    """Classify, protocol-free: a `ClassifyRequest`'s images decoded (PNGs within `png_limits`
+    on the dedicated pool), then classified by the requested model. The gRPC servicer and
+    the HTTP edge (`serving.rest.classify`) share one."""
+
     def __init__(
         self,
         dataplane: DataPlane,
-        edge: EdgeState,
         png_limits: PngLimits = DEFAULT_PNG_LIMITS,
         png_executor: Executor | None = None,
     ) -> None:
         self.dataplane = dataplane
-        self.edge = edge
         self.png_limits = png_limits
         # Requests with PNGs decode only on these few threads, so concurrent requests
         # cannot multiply decoding's memory and CPU.
         self.png_executor = png_executor or ThreadPoolExecutor(1, thread_name_prefix="png")
 
-    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        async with RpcCall(self.dataplane, self.edge, "Classify", context, inference=True) as call:
-            name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
-            call.resolve(name, version)  # an unknown model fails before any decoding
-            images = await self._decode(request.images, context)
-            # Resolve again: a version retired while PNGs decoded must not be used.
-            model = call.resolve(name, version)
-            result = await self.dataplane.infer(model, images, deadline_of(context))
-            return _response(result)
+    async def classify(
+        self, call: EdgeCall, request: pb.ClassifyRequest, remaining: float | None = None
+    ) -> pb.ClassifyResponse:
+        """The predictions for `request`, within `remaining` seconds if not None."""
+        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
+        name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
+        call.resolve(name, version)  # an unknown model fails before any decoding
+        images = await self.decode(request.images, remaining)
+        # Resolve again: a version retired while PNGs decoded must not be used.
+        model = call.resolve(name, version)
+        result = await self.dataplane.infer(model, images, deadline)
+        return _response(result)
 
-    async def _decode(self, images: Sequence[pb.Image], context) -> np.ndarray:
+    async def decode(self, images: Sequence[pb.Image], remaining: float | None) -> np.ndarray:
+        """The images as uint8 [N, 28, 28]; PNGs are decoded off the event loop, and the
+        rest of them abandoned once `remaining` seconds passed or the caller was cancelled."""
         self.dataplane.check_image_count(len(images), "images")
         if not any(image.WhichOneof("data") == "png" for image in images):
             return decode_images(list(images))
-        remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         abandoned = threading.Event()
 
@@ -106,6 +115,19 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             )
         finally:
             abandoned.set()  # when cancelled, the decoding thread stops before its next image
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(
+        self, dataplane: DataPlane, edge: EdgeState, classification: Classification
+    ) -> None:
+        self.dataplane = dataplane
+        self.edge = edge
+        self.classification = classification
+
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        async with RpcCall(self.dataplane, self.edge, "Classify", context, inference=True) as call:
+            return await self.classification.classify(call, request, context.time_remaining())
 
 
 def _response(result: InferenceResult) -> pb.ClassifyResponse:

@@ -23,7 +23,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from serving.batcher import BatchListener
-from serving.classifier import ClassifierServicer
+from serving.catalog import Catalog
+from serving.classifier import Classification, ClassifierServicer
 from serving.config import ServerConfig, load_config
 from serving.contract import PIXELS
 from serving.dataplane import DataPlane
@@ -68,6 +69,18 @@ class InferenceServer:
         )
         self.png_executor = ThreadPoolExecutor(
             max_workers=config.png_threads, thread_name_prefix="png"
+        )
+        self.catalog = Catalog(
+            self.dataplane,
+            self.edge,
+            config.repository,
+            config.max_queue_delay_us,
+            config.keep_versions,
+        )
+        self.classification = Classification(
+            self.dataplane,
+            PngLimits(config.max_png_pixels, config.max_request_png_pixels),
+            self.png_executor,
         )
         self.health = health.aio.HealthServicer()
         self.reloader = ModelReloader(
@@ -150,21 +163,9 @@ class InferenceServer:
             ]
         )
         oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.dataplane,
-                self.edge,
-                config.repository,
-                config.max_queue_delay_us,
-                config.keep_versions,
-            ),
-            server,
+            InferenceServicer(self.dataplane, self.edge, self.catalog), server
         )
-        classifier = ClassifierServicer(
-            self.dataplane,
-            self.edge,
-            PngLimits(config.max_png_pixels, config.max_request_png_pixels),
-            self.png_executor,
-        )
+        classifier = ClassifierServicer(self.dataplane, self.edge, self.classification)
         classifier_grpc.add_ClassifierServicer_to_server(classifier, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(

@@ -246,7 +246,10 @@ def test_classify_never_uses_a_version_retired_while_its_pngs_decode(
     async def scenario():
         await harness.reloader.reload()
         first = harness.registry.resolve(MODEL)
-        servicer = classifier.ClassifierServicer(DataPlane(harness.registry, 64), EdgeState())
+        dataplane = DataPlane(harness.registry, 64)
+        servicer = classifier.ClassifierServicer(
+            dataplane, EdgeState(), classifier.Classification(dataplane)
+        )
         answer = asyncio.create_task(servicer.Classify(request, FakeContext()))
         assert await asyncio.to_thread(decoding.wait, 10)
         harness.publish(random_linear_model(seed=2))
