@@ -17,7 +17,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from serving.batcher import BatchListener, DynamicBatcher
-from serving.errors import ModelNotFound
+from serving.errors import ModelNotFound, shown
 from serving.repository import ModelCard, ModelVersion, RepositoryError, parse_version
 from serving.runtime import ModelRuntime, RuntimeOptions
 from serving.stats import InferenceStats
@@ -109,14 +109,14 @@ class ModelRegistry:
         """The loaded model `name` at `version`; the newest loaded one if version is ''."""
         versions = self._models.get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded: {self.names()})")
+            raise ModelNotFound(f"model {shown(name)} is not loaded (loaded: {self.names()})")
         if not version:
             return versions[next(reversed(versions))]
         number = parse_version(version)
         model = versions.get(number) if number is not None else None
         if model is None:
             raise ModelNotFound(
-                f"model {name!r} has no loaded version {version!r} "
+                f"model {name!r} has no loaded version {shown(version)} "
                 f"(loaded: {[str(number) for number in versions]})"
             )
         return model
