@@ -25,7 +25,8 @@ from serving.stats import Duration
 
 SERVER_NAME = "mnist37"
 PLATFORM = "onnxruntime_onnx"
-EXTENSIONS = ("model_configuration", "statistics", "model_repository")
+# `binary_tensor_data`: HTTP's binary tensors (Triton lists its extensions for both protocols).
+EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
 
 _CONFIG_TYPES = {
     "UINT8": config_pb.TYPE_UINT8,

@@ -9,14 +9,18 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
+from serving.config import env_var
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
+
+# --http-port's variable: the launcher sets it until ServerConfig has the flag.
+HTTP_PORT_VARIABLE = env_var("http_port")
 
 
 class ServerNotReady(RuntimeError):
@@ -35,10 +39,21 @@ class ServerProcess:
     process: subprocess.Popen
     port: int
     log_path: Path
+    http_port: int = 0  # 0: HTTP off
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """The HTTP endpoints' `127.0.0.1:PORT`."""
+        assert self.http_port, "this server was started without HTTP"
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://{self.http_address}"
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -57,11 +72,16 @@ def start_server(
     wait: bool = True,
     timeout: float = 60.0,
     prefix: Sequence[str] = (),
+    http: bool = True,
+    environment: Mapping[str, str] | None = None,
 ) -> ServerProcess:
     """Run `python -m serving.server` on a free port, its output in `log_dir`; with `wait`,
     return once ServerReady is true. `prefix` runs the server through another command
-    (one that puts it into a memory-limited cgroup, say) that ends by exec-ing it."""
+    (one that puts it into a memory-limited cgroup, say) that ends by exec-ing it. With
+    `http`, the HTTP endpoints listen on another free port, else HTTP is off.
+    `environment` adds variables to the server's (settings without a flag yet, say)."""
     port = free_port()
+    http_port = _other_free_port(port) if http else 0
     log_path = log_dir / f"server-{port}.log"
     command = [
         *prefix,
@@ -78,14 +98,20 @@ def start_server(
         "0",
         *extra,
     ]
+    env = {**os.environ, HTTP_PORT_VARIABLE: str(http_port), **(environment or {})}
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ)
-        )
-    server = ServerProcess(process, port, log_path)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(process, port, log_path, http_port)
     if wait:
         wait_ready(server, timeout)
     return server
+
+
+def _other_free_port(taken: int) -> int:
+    port = free_port()
+    while port == taken:
+        port = free_port()
+    return port
 
 
 def wait_ready(server: ServerProcess, timeout: float = 60.0) -> None:

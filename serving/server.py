@@ -1,12 +1,14 @@
-"""`mnist37-serve`: wires the model registry, data plane, edge and gRPC services together.
+"""`mnist37-serve`: wires the model registry, data plane, edge, gRPC services and HTTP
+endpoints together. gRPC and HTTP (aiohttp, `serving.rest`) run in the same event loop on
+the same data plane, so their requests join the same batches, and share one edge state.
 
 Health: the overall service "" (and each gRPC service) is readiness, SERVING while a model
 is loaded; `liveness` is SERVING from the moment the server answers, model or not.
 
 Shutdown on SIGTERM/SIGINT is a drain: every health service, `liveness` included, turns
 NOT_SERVING (load balancers stop sending), every request that reaches the server is still
-served until none has been in flight for --drain-quiet-period, and only then does the gRPC
-server stop, with nothing left to cancel. A second signal skips the wait.
+served until none has been in flight for --drain-quiet-period, and only then do the gRPC
+and HTTP servers stop, with nothing left to cancel. A second signal skips the wait.
 """
 
 from __future__ import annotations
@@ -41,6 +43,10 @@ from serving.oip import InferenceServicer
 from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import ModelVersion
+from serving.rest.classify import ClassifyEndpoint
+from serving.rest.edge import Route
+from serving.rest.oip import InferenceEndpoints
+from serving.rest.server import HttpServer, HttpSettings
 from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_providers
 
 log = logging.getLogger("serving")
@@ -82,6 +88,10 @@ class InferenceServer:
             PngLimits(config.max_png_pixels, config.max_request_png_pixels),
             self.png_executor,
         )
+        try:
+            self.http_settings = HttpSettings.from_config(config)
+        except ValueError as error:
+            raise StartupError(str(error)) from error
         self.health = health.aio.HealthServicer()
         self.reloader = ModelReloader(
             config.repository,
@@ -94,6 +104,7 @@ class InferenceServer:
         )
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.http: HttpServer | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -110,6 +121,7 @@ class InferenceServer:
         # not load one. Only the drain (enter_graceful_shutdown) turns it NOT_SERVING.
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc_server.start()
+        await self._start_http()
         if self.observer is not None:
             try:
                 self.observer.serve(config.host, config.metrics_port)
@@ -119,11 +131,41 @@ class InferenceServer:
                 ) from error
         await self._update_health()
         log.info(
-            "serving %d model version(s) on %s (gRPC), metrics on %s",
+            "serving %d model version(s) on %s (gRPC), %s (HTTP), metrics on %s",
             len(self.registry.all()),
             f"{config.host}:{self.port}",
+            f"{config.host}:{self.http.port}" if self.http else "off",
             config.metrics_port or "off",
         )
+
+    async def _start_http(self) -> None:
+        """The HTTP endpoints on --http-port, unless it is 0."""
+        settings = self.http_settings
+        if not settings.port:
+            return
+        self.http = HttpServer(
+            settings,
+            self.config.host,
+            self.dataplane,
+            self.edge,
+            self.http_routes(),
+            shutdown_timeout=self.config.shutdown_timeout,
+        )
+        try:
+            await self.http.start()
+        except OSError as error:
+            self.http = None
+            raise StartupError(
+                f"cannot listen on {self.config.host}:{settings.port} (HTTP): {error.strerror}"
+            ) from error
+
+    def http_routes(self) -> list[Route]:
+        """Every HTTP endpoint, on this server's data plane, catalog and classification."""
+        limits = self.http_settings.body_limits
+        return [
+            *InferenceEndpoints(self.dataplane, self.catalog, limits).routes(),
+            *ClassifyEndpoint(self.classification, limits).routes(),
+        ]
 
     def _load_version(self, model_version: ModelVersion) -> LoadedModel:
         """Load, check and warm up one version (blocking: the reloader runs it in a thread)."""
@@ -220,6 +262,8 @@ class InferenceServer:
         if self.grpc_server is not None:
             grace = 0.0 if force and force.is_set() else max(0.0, deadline - loop.time())
             await self.grpc_server.stop(grace)
+        if self.http is not None:
+            await self.http.stop()
         await self.reloader.stop()
         for model in self.registry.swap([]):
             await model.wait_idle()
@@ -259,6 +303,8 @@ async def serve(config: ServerConfig) -> int:
         server.png_executor.shutdown(wait=False)
         if server.grpc_server is not None:
             await server.grpc_server.stop(0)
+        if server.http is not None:
+            await server.http.stop()
         raise
     await stop.wait()
     await server.drain_and_stop(force)

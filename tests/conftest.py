@@ -7,6 +7,7 @@ or other processes); `make test-unit` runs the rest."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +20,7 @@ from leakcheck import pytest_sessionfinish  # noqa: F401 (a hook: pytest finds i
 
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.idx import read_images, read_labels
-from serving.launcher import ServerProcess, start_server
+from serving.launcher import HTTP_PORT_VARIABLE, ServerProcess, start_server
 from serving.synthetic import mean_difference_model, publish_model, random_linear_model
 
 INTEGRATION = REPO_ROOT / "tests" / "integration"
@@ -30,6 +31,9 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "integration: starts servers or other processes (tests/integration)"
     )
     leakcheck_configure(config)
+    # Servers the tests start serve HTTP only on a port a test gives them (the launcher
+    # does): the default port, 8000, would clash between servers that run at once.
+    os.environ[HTTP_PORT_VARIABLE] = "0"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
