@@ -27,6 +27,7 @@ import grpc
 
 from serving.dataplane import DataPlane
 from serving.errors import (
+    ClientGone,
     DeadlineExpired,
     InvalidInput,
     MethodNotAllowed,
@@ -75,6 +76,7 @@ STATUS: dict[type[ServingError], Status] = {
     ServerNotReady: Status(grpc.StatusCode.UNAVAILABLE, 503),
     DeadlineExpired: DEADLINE_EXCEEDED,
     Overloaded: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    ClientGone: CANCELLED,
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),
     UnknownEndpoint: Status(grpc.StatusCode.UNIMPLEMENTED, 404),
     MethodNotAllowed: Status(grpc.StatusCode.UNIMPLEMENTED, 405),

@@ -63,6 +63,12 @@ class RequestTimeout(InvalidInput):
     """The request's body did not arrive whole in time: a slow, stalled or truncated body."""
 
 
+class ClientGone(ServingError):
+    """The client closed its connection before its request was whole."""
+
+    kind = "cancelled"
+
+
 class Unauthenticated(ServingError):
     """The request carries no valid credentials."""
 

@@ -22,6 +22,7 @@ from aiohttp.web_protocol import RequestPayloadError
 from serving.dataplane import DataPlane
 from serving.edge import EdgeCall, EdgeState, Outcome, Status
 from serving.errors import (
+    ClientGone,
     InvalidInput,
     MethodNotAllowed,
     RequestTimeout,
@@ -94,15 +95,22 @@ class HttpCall(EdgeCall):
         return error_response(status, message, error)
 
     def _peer(self) -> str:
-        transport = self._request.transport
-        peer = transport.get_extra_info("peername") if transport is not None else None
-        if not peer:
-            return ""
-        host, port = peer[0], peer[1]
-        return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+        return peer_of(self._request)
 
     def _summary(self, status: Status) -> str:
         return f"{status.code.name} (HTTP {status.http})"
+
+
+def peer_of(request: web.Request) -> str:
+    """The client's address as gRPC writes a peer (`ipv4:127.0.0.1:5000`); without the
+    port once the connection is gone (aiohttp keeps the host only)."""
+    transport = request.transport
+    peer = transport.get_extra_info("peername") if transport is not None else None
+    host, port = (peer[0], peer[1]) if peer else (request.remote, None)
+    if not host:
+        return ""
+    family, address = ("ipv6", f"[{host}]") if ":" in host else ("ipv4", host)
+    return f"{family}:{address}" + (f":{port}" if port is not None else "")
 
 
 def error_response(status: Status, message: str, error: Exception | None = None) -> web.Response:
@@ -171,6 +179,10 @@ async def read_body(request: web.Request, limits: BodyLimits) -> bytearray:
         ) from None
     except RequestPayloadError as error:
         raise InvalidInput(f"the request body is malformed: {error}") from None
+    except ConnectionError:  # aiohttp's "Connection lost": nobody is left to answer
+        raise ClientGone(
+            f"the client closed the connection with {len(body)} bytes of the body read"
+        ) from None
     return body
 
 

@@ -16,17 +16,21 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from serving.access import TokenFile
 from serving.config import env_var
 from serving.dataplane import DataPlane
 from serving.edge import EdgeState
 from serving.errors import MethodNotAllowed, Unauthenticated, UnknownEndpoint, shown
+from serving.logs import bounded
 from serving.rest.edge import BodyLimits, Handler, HttpCall, Route, expect_later
 
-log = logging.getLogger(__name__)
+rpc_log = logging.getLogger("serving.rpc")  # where serving.edge logs failed requests
 
 UNKNOWN_RPC = "_unknown"
+# aiohttp's parser messages quote the bytes it could not parse: this much of them is logged.
+MAX_PARSER_MESSAGE = 200
 UNAUTHENTICATED_MESSAGE = (
     "missing or invalid bearer token: send the header `Authorization: Bearer <token>`"
 )
@@ -110,6 +114,7 @@ class HttpServer:
             handle_signals=False,
             access_log=None,
             auto_decompress=False,
+            logger=_UnparsedRequests(dataplane, edge),
             shutdown_timeout=shutdown_timeout,
         )
         self.port: int | None = None
@@ -186,3 +191,31 @@ def _method_not_allowed(allowed: tuple[str, ...]) -> Handler:
 
 async def _unknown_endpoint(request: web.Request, call: HttpCall) -> web.StreamResponse:
     raise UnknownEndpoint(f"no endpoint at {shown(request.path)}")
+
+
+class _UnparsedRequests(logging.LoggerAdapter):
+    """aiohttp's log, where it reports the requests it could not parse (a bad request line,
+    headers or chunked framing; it answers those 400 itself, before any route): each is
+    counted like a routed failure (rpc "_unknown", INVALID_ARGUMENT) and logged like one,
+    a rate-limited warning without aiohttp's traceback. Anything else passes through."""
+
+    def __init__(self, dataplane: DataPlane, edge: EdgeState) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._dataplane = dataplane
+        self._edge = edge
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        error = kwargs.get("exc_info")
+        if not isinstance(error, HttpProcessingError):
+            super().log(level, msg, *args, **kwargs)
+            return
+        code = "INVALID_ARGUMENT"
+        self._dataplane.observer.rpc_finished(UNKNOWN_RPC, "", "", code, 0.0)
+        if self._edge.failure_log.allow(UNKNOWN_RPC, code, logging.WARNING):
+            rpc_log.warning(
+                "%s failed: %s (HTTP 400): the request is not valid HTTP: %s",
+                UNKNOWN_RPC,
+                code,
+                bounded(str(error.message), MAX_PARSER_MESSAGE),
+                extra={"rpc": UNKNOWN_RPC, "model": "", "version": "", "code": code},
+            )

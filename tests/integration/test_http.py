@@ -586,8 +586,29 @@ def test_a_truncated_or_stalled_body_times_out_and_the_server_goes_on(http_serve
     status, body = _answer(connection)
     assert status == 408 and time.monotonic() - started >= BODY_TIMEOUT
     assert b"did not arrive within 1 s (--http-body-timeout): 500 bytes of 1000 read" in body
-    # A client that leaves in the middle of its body: nothing to answer, nothing breaks.
+    _served(http_server)
+
+
+def _wait_for_log(server: ServerProcess, text: str) -> str:
+    deadline = time.monotonic() + 5
+    while text not in (log := server.log()):
+        assert time.monotonic() < deadline, log[-2000:]
+        time.sleep(0.05)
+    return log
+
+
+def test_a_client_leaving_mid_body_or_sending_broken_http_fails_as_the_clients_fault(
+    http_server,
+):
+    # Leaves in the middle of its body: nothing to answer; CANCELLED, like a gRPC cancel.
     _raw(http_server, _headers("1000") + b"{" * 500).close()
+    _wait_for_log(http_server, "ModelInfer failed: CANCELLED (HTTP 499): the client closed")
+    # Not HTTP at all (broken chunked framing): aiohttp answers 400 before any route.
+    connection = _raw(http_server, _headers(None) + b"zz\r\nabc\r\n")
+    status, _ = _answer(connection)
+    assert status == 400
+    log = _wait_for_log(http_server, "_unknown failed: INVALID_ARGUMENT (HTTP 400): the request")
+    assert "internal error" not in log and '"level": "error"' not in log
     _served(http_server)
 
 
@@ -633,9 +654,4 @@ def test_base64_pngs_classify_like_grpc_pngs(http_server, stubs):
 
 def test_a_log_line_names_the_http_status(http_server):
     http_call(http_server.http_address, "POST", INFER, b"{", JSON_TYPE)
-    deadline = time.monotonic() + 5
-    while "INVALID_ARGUMENT (HTTP 400): the request body is not valid JSON" not in (
-        log := http_server.log()
-    ):
-        assert time.monotonic() < deadline, log[-2000:]
-        time.sleep(0.05)
+    _wait_for_log(http_server, "INVALID_ARGUMENT (HTTP 400): the request body is not valid JSON")

@@ -93,6 +93,13 @@ def test_http_requests_are_observed_like_rpcs_with_bounded_labels(model_reposito
                 assert answer.status == 200
             live = {"rpc": "ServerLive", "model": "", "version": "", "code": "OK"}
             assert requests(server, **live) == 1
+            # Not HTTP: aiohttp refuses it before any route; counted all the same.
+            reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+            writer.write(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            assert (await reader.readline()).startswith(b"HTTP/1.0 400")
+            writer.close()
+            unparsed = {**nowhere, "code": "INVALID_ARGUMENT"}
+            assert requests(server, **unparsed) == 1
 
     run(scenario)
 
