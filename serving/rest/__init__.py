@@ -9,5 +9,6 @@ code only: JSON and binary tensors in and out, bodies read within limits.
 - `server`: `HttpSettings` and `HttpServer` (routes, token check, start and stop);
 - `edge`: `HttpCall`, each request's `EdgeCall`, and reading and answering bodies;
 - `oip`: the `/v2` endpoints; `tensors`: their JSON and binary tensors;
-- `classify`: `/v1/classify`; `messages`: OIP messages as JSON.
+- `classify`: `/v1/classify`; `messages`: OIP messages as JSON; `fields`: reading a JSON
+  body member by member, each refusal naming its field.
 """

@@ -2,8 +2,8 @@
 
 Every request runs in an `HttpCall` (metrics, logs, in-flight count and drain, error
 answers); a path or method no route has is answered 404 or 405 the same way (by catch-all
-routes), under the one rpc name "_unknown" so that clients cannot create label values. With a
-`TokenFile`, every endpoint but the health ones (when `open_health`) needs
+routes), under the one rpc name "_unknown" so that clients cannot create label values.
+With a `TokenFile`, every endpoint but the health ones (when `open_health`) needs
 `Authorization: Bearer <token>` and answers 401 without it, before reading any body.
 """
 
@@ -84,6 +84,9 @@ def _parse(variable: str, text: str, kind: type) -> object:
 
 
 class HttpServer:
+    """`routes` on host:`settings.port`, with an optional token file and TLS context (the
+    caller builds both), sharing `dataplane` and `edge` with the gRPC servicers."""
+
     def __init__(
         self,
         settings: HttpSettings,
