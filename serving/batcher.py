@@ -34,7 +34,9 @@ import numpy as np
 from serving.errors import DeadlineExpired, Overloaded
 from serving.stats import InferenceStats, SplitRequestDurations
 
-Prediction = tuple[np.ndarray, np.ndarray]
+# What a graph gives for a batch: arrays with one row per image, (probability, digit) for
+# the serving graph, five arrays for the explanation graph; each caller gets its rows of each.
+Prediction = tuple[np.ndarray, ...]
 PredictFunction = Callable[[np.ndarray], Prediction]
 # (images in the batch, each queued item's wait in seconds, onnxruntime seconds)
 BatchListener = Callable[[int, list[float], float], None]
@@ -83,8 +85,8 @@ class DynamicBatcher:
         return self._queued_images
 
     async def infer(self, images: np.ndarray, deadline: float | None = None) -> Prediction:
-        """(probability, digit) for `images` (uint8 [N, 28, 28]). `deadline` is in
-        `loop.time()` terms; None for no deadline."""
+        """`predict`'s arrays for `images` (uint8 [N, 28, 28]), (probability, digit) for
+        the serving graph. `deadline` is in `loop.time()` terms; None for no deadline."""
         count = len(images)
         self._admit(count, -(-count // self.max_batch_size))
         if count <= self.max_batch_size:
@@ -100,10 +102,7 @@ class DynamicBatcher:
             for future in futures:
                 future.cancel()
         self.stats.record_split_request(durations)
-        return (
-            np.concatenate([probability for probability, _ in parts]),
-            np.concatenate([digit for _, digit in parts]),
-        )
+        return tuple(np.concatenate(chunks) for chunks in zip(*parts, strict=True))
 
     def _admit(self, images: int, items: int) -> None:
         """Refuse a request of `images` images (`items` queue entries once split) that
@@ -117,9 +116,9 @@ class DynamicBatcher:
         if too_many_images or too_many_items:
             raise Overloaded(
                 f"the model's queue is full ({self._queued_images} images in "
-                f"{len(self._queue)} requests waiting; at most {limit_images} images and "
-                f"{limit_items} requests, --max-queued-images/--max-queued-requests): "
-                "retry later"
+                f"{len(self._queue)} entries waiting: requests, or chunks of larger ones; at "
+                f"most {limit_images} images and {limit_items} entries, "
+                "--max-queued-images/--max-queued-requests): retry later"
             )
 
     def _put(
@@ -213,14 +212,11 @@ class DynamicBatcher:
         infer_ns: int,
     ) -> None:
         output_start = time.perf_counter_ns()
-        probability, digit = prediction
         offset = 0
         for item in batch:
             rows = len(item.images)
             if not item.future.done():
-                item.future.set_result(
-                    (probability[offset : offset + rows], digit[offset : offset + rows])
-                )
+                item.future.set_result(tuple(array[offset : offset + rows] for array in prediction))
             offset += rows
         output_ns = time.perf_counter_ns() - output_start
         waits_ns = [start_ns - item.enqueued_ns for item in batch]

@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from serving.launcher import start_server
+from serving.perf_analyzer import ready_perf_analyzer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVER_SETTINGS = {
@@ -32,28 +30,6 @@ SERVER_SETTINGS = {
 LOADS = [(1, 1), (16, 1), (1, 64), (16, 64)]
 # What perf_analyzer can drive: its -i, and over HTTP the tensor format (binary or JSON).
 PROTOCOLS = {"grpc": ("grpc", None), "http": ("http", "binary"), "http-json": ("http", "json")}
-
-
-def find_perf_analyzer() -> Path:
-    beside_python = Path(sys.executable).parent / "perf_analyzer"
-    if beside_python.exists():
-        return beside_python
-    found = shutil.which("perf_analyzer")
-    if not found:
-        raise FileNotFoundError("perf_analyzer not found (it comes with tritonclient 2.51)")
-    return Path(found)
-
-
-def perf_analyzer_env() -> dict[str, str]:
-    """The environment perf_analyzer needs: libcudart.so.12 from nvidia-cuda-runtime-cu12."""
-    env = dict(os.environ)
-    spec = importlib.util.find_spec("nvidia.cuda_runtime")
-    if spec and spec.submodule_search_locations:
-        library = Path(next(iter(spec.submodule_search_locations))) / "lib"
-        env["LD_LIBRARY_PATH"] = os.pathsep.join(
-            part for part in (str(library), env.get("LD_LIBRARY_PATH", "")) if part
-        )
-    return env
 
 
 def perf_analyzer_command(
@@ -68,8 +44,9 @@ def perf_analyzer_command(
     """perf_analyzer against `target` (gRPC's address, or HTTP's for an HTTP `protocol`)
     in one of `PROTOCOLS`, and its environment."""
     interface, tensor_format = PROTOCOLS[protocol]
+    binary, env = ready_perf_analyzer()
     command = [
-        str(find_perf_analyzer()),
+        str(binary),
         "-m",
         model,
         "-i",
@@ -91,7 +68,7 @@ def perf_analyzer_command(
         command += ["--input-tensor-format", tensor_format, "--output-tensor-format", tensor_format]
     if csv is not None:
         command += ["-f", str(csv)]
-    return command, perf_analyzer_env()
+    return command, env
 
 
 def _measure(

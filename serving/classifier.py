@@ -1,7 +1,10 @@
-"""The domain API, `mnist37.v1.Classifier`: images in, digits and P(7) out.
+"""The domain API, `mnist37.v1.Classifier`: images in; digits and P(7) out (`Classify`), or
+the same as pixel votes (`Explain`). Both take the same request and share its checks, its
+decoding and their limits.
 
-`Classification` is the operation itself, protocol-free; `ClassifierServicer` serves it
-over gRPC and `serving.rest.classify` over HTTP."""
+`Classification` is the operation itself, protocol-free: one decode path (`model_and_images`)
+for gRPC's Classify and Explain (`ClassifierServicer`) and HTTP's `/v1/classify` and
+`/v1/explain` (`serving.rest.classify`)."""
 
 from __future__ import annotations
 
@@ -13,8 +16,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import numpy as np
 
-from serving.contract import IMAGE_SIDE
-from serving.dataplane import DataPlane, InferenceResult
+from serving.contract import IMAGE_SIDE, PIXELS
+from serving.dataplane import DataPlane, ExplanationResult, InferenceResult
 from serving.edge import EdgeCall, EdgeState, RpcCall
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
@@ -26,11 +29,22 @@ from serving.imaging import (
     pixels_to_image,
     png_to_image,
 )
+from serving.registry import LoadedModel
 from serving.repository import DEFAULT_MODEL_NAME
+
+# Contributions go out as little-endian float32 bytes (classifier.proto says why).
+CONTRIBUTION_DTYPE = np.dtype("<f4")
+MAX_EXPLANATION_BYTES = PIXELS * CONTRIBUTION_DTYPE.itemsize + PIXELS + 2 * 255 + 64
+"""The most one image's Explanation takes on the wire: its votes, its pixels, the model
+name and version (at most 255 bytes each, a file name's limit) and the rest (under 64)."""
 
 
 def _never() -> bool:
     return False
+
+
+def _any_model(model: LoadedModel) -> None:
+    """Every resolved model may classify."""
 
 
 def decode_images(
@@ -67,9 +81,9 @@ def decode_images(
 
 
 class Classification:
-    """Classify, protocol-free: a `ClassifyRequest`'s images decoded (PNGs within `png_limits`
-    on the dedicated pool), then classified by the requested model. The gRPC servicer and
-    the HTTP edge (`serving.rest.classify`) share one."""
+    """Classify and Explain, protocol-free: a `ClassifyRequest`'s images decoded (PNGs within
+    `png_limits` on the dedicated pool), then classified or explained by the requested
+    model. The gRPC servicer and the HTTP edge (`serving.rest.classify`) share one."""
 
     def __init__(
         self,
@@ -87,14 +101,38 @@ class Classification:
         self, call: EdgeCall, request: pb.ClassifyRequest, remaining: float | None = None
     ) -> pb.ClassifyResponse:
         """The predictions for `request`, within `remaining` seconds if not None."""
-        deadline = None if remaining is None else asyncio.get_running_loop().time() + remaining
-        name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
-        call.resolve(name, version)  # an unknown model fails before any decoding
-        images = await self.decode(request.images, remaining)
-        # Resolve again: a version retired while PNGs decoded must not be used.
-        model = call.resolve(name, version)
+        deadline = _deadline(remaining)
+        model, images = await self.model_and_images(call, request, remaining)
         result = await self.dataplane.infer(model, images, deadline)
         return _response(result)
+
+    async def explain(
+        self, call: EdgeCall, request: pb.ClassifyRequest, remaining: float | None = None
+    ) -> tuple[ExplanationResult, np.ndarray]:
+        """The explanations for `request` and the images they explain, within `remaining`
+        seconds if not None; NotExplainable if the model has no explanation graph."""
+        deadline = _deadline(remaining)
+        model, images = await self.model_and_images(
+            call, request, remaining, admit=self.dataplane.explanation_of
+        )
+        return await self.dataplane.explain(model, images, deadline), images
+
+    async def model_and_images(
+        self,
+        call: EdgeCall,
+        request: pb.ClassifyRequest,
+        remaining: float | None = None,
+        admit: Callable[[LoadedModel], object] = _any_model,
+    ) -> tuple[LoadedModel, np.ndarray]:
+        """The requested model and the request's images as uint8 [N, 28, 28]: the part
+        every operation shares, whatever the protocol. `admit(model)` raises if the
+        operation cannot run on the model; like an unknown model, that fails before any
+        decoding."""
+        name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
+        admit(call.resolve(name, version))
+        images = await self.decode(request.images, remaining)
+        # Resolve again: a version retired while PNGs decoded must not be used.
+        return call.resolve(name, version), images
 
     async def decode(self, images: Sequence[pb.Image], remaining: float | None) -> np.ndarray:
         """The images as uint8 [N, 28, 28]; PNGs are decoded off the event loop, and the
@@ -129,6 +167,18 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         async with RpcCall(self.dataplane, self.edge, "Classify", context, inference=True) as call:
             return await self.classification.classify(call, request, context.time_remaining())
 
+    async def Explain(self, request: pb.ClassifyRequest, context) -> pb.ExplainResponse:
+        async with RpcCall(self.dataplane, self.edge, "Explain", context, inference=True) as call:
+            result, images = await self.classification.explain(
+                call, request, context.time_remaining()
+            )
+            return _explain_response(result, images)
+
+
+def _deadline(remaining: float | None) -> float | None:
+    """`remaining` seconds from now in event-loop time, or None."""
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
+
 
 def _response(result: InferenceResult) -> pb.ClassifyResponse:
     prediction = pb.Prediction
@@ -143,6 +193,35 @@ def _response(result: InferenceResult) -> pb.ClassifyResponse:
             )
             for probability, digit in zip(
                 result.probability.tolist(), result.digit.tolist(), strict=True
+            )
+        ]
+    )
+
+
+def _explain_response(result: ExplanationResult, images: np.ndarray) -> pb.ExplainResponse:
+    explanation = pb.Explanation
+    name, version = result.model_name, result.model_version
+    votes = result.contributions.astype(CONTRIBUTION_DTYPE, copy=False)
+    return pb.ExplainResponse(
+        explanations=[
+            explanation(
+                contributions=image_votes.tobytes(),
+                bias_term=bias_term,
+                logit=logit,
+                probability_seven=probability,
+                digit=digit,
+                model_name=name,
+                model_version=version,
+                pixels=image.tobytes(),
+            )
+            for image_votes, bias_term, logit, probability, digit, image in zip(
+                votes,
+                result.bias_term.tolist(),
+                result.logit.tolist(),
+                result.probability.tolist(),
+                result.digit.tolist(),
+                images,
+                strict=True,
             )
         ]
     )

@@ -3,6 +3,8 @@
 mnist37-client classify digit.png other.png          # PNGs, any size or mode
 mnist37-client classify t10k-images-idx3-ubyte.gz    # every image of an IDX file
 mnist37-client classify --check IMAGES_IDX --labels LABELS_IDX   # accuracy + latency
+mnist37-client explain digit.png --out explanation.png   # the pixel votes, as a picture
+mnist37-client explain digit.png other.png --out pictures/   # one picture per image
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import grpc
 import numpy as np
 
 from serving.codecs import decode_infer_response
-from serving.contract import DIGIT, IMAGES
+from serving.console import console_script
+from serving.contract import DIGIT, IMAGE_SIDE, IMAGES
+from serving.explain_render import render_explanation
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
@@ -27,15 +31,32 @@ from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
 from serving.idx import IdxError, read_images, read_labels
 from serving.imaging import PNG_SIGNATURE
 from serving.repository import DEFAULT_MODEL_NAME
+from serving.settings import POSITIVE, parse_as
 
 DEFAULT_SERVER = "127.0.0.1:8001"
 DEFAULT_BATCH_SIZE = 256
+PICTURE_SUFFIX = ".explained.png"
+"""What `explain` names a picture in a directory: `digit.png` -> `digit.explained.png`."""
 
 
 @dataclass(frozen=True)
 class Prediction:
     digit: int
     probability_seven: float
+    model_name: str
+    model_version: str
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One image's prediction as pixel votes: logit = contributions.sum() + bias_term."""
+
+    pixels: np.ndarray  # uint8 [28, 28]: the image as the server saw it (a PNG converted)
+    contributions: np.ndarray  # float32 [28, 28]: each pixel's vote, > 0 says 7
+    bias_term: float
+    logit: float
+    probability_seven: float
+    digit: int
     model_name: str
     model_version: str
 
@@ -71,18 +92,34 @@ class Mnist37Client:
         model_version: str = "",
     ) -> list[Prediction]:
         """Classify images given as PNG bytes, 784 raw bytes or uint8 [28, 28] arrays."""
-        request = classifier_pb.ClassifyRequest(model_name=model_name, model_version=model_version)
-        for image in images:
-            if isinstance(image, np.ndarray):
-                request.images.add(pixels=np.ascontiguousarray(image, dtype=np.uint8).tobytes())
-            elif image.startswith(PNG_SIGNATURE):
-                request.images.add(png=image)
-            else:
-                request.images.add(pixels=image)
+        request = _classify_request(images, model_name, model_version)
         response = self.classifier.Classify(request, timeout=self.timeout)
         return [
             Prediction(p.digit, p.probability_seven, p.model_name, p.model_version)
             for p in response.predictions
+        ]
+
+    def explain(
+        self,
+        images: Sequence[bytes | np.ndarray],
+        model_name: str = "",
+        model_version: str = "",
+    ) -> list[Explanation]:
+        """Explain the predictions for images given as `classify` takes them."""
+        request = _classify_request(images, model_name, model_version)
+        response = self.classifier.Explain(request, timeout=self.timeout)
+        return [
+            Explanation(
+                pixels=_grid(e.pixels, np.uint8, "pixels"),
+                contributions=_grid(e.contributions, np.dtype("<f4"), "contributions"),
+                bias_term=e.bias_term,
+                logit=e.logit,
+                probability_seven=e.probability_seven,
+                digit=e.digit,
+                model_name=e.model_name,
+                model_version=e.model_version,
+            )
+            for e in response.explanations
         ]
 
     def infer(
@@ -109,6 +146,30 @@ class Mnist37Client:
         return decode_infer_response(response)
 
 
+def _classify_request(
+    images: Sequence[bytes | np.ndarray], model_name: str, model_version: str
+) -> classifier_pb.ClassifyRequest:
+    """The request Classify and Explain take: PNG bytes, 784 raw bytes or uint8 arrays."""
+    request = classifier_pb.ClassifyRequest(model_name=model_name, model_version=model_version)
+    for image in images:
+        if isinstance(image, np.ndarray):
+            request.images.add(pixels=np.ascontiguousarray(image, dtype=np.uint8).tobytes())
+        elif image.startswith(PNG_SIGNATURE):
+            request.images.add(png=image)
+        else:
+            request.images.add(pixels=image)
+    return request
+
+
+def _grid(data: bytes, dtype: np.dtype, field: str) -> np.ndarray:
+    """An answer's 28x28 array from its raw bytes, row-major."""
+    dtype = np.dtype(dtype)
+    expected = IMAGE_SIDE * IMAGE_SIDE * dtype.itemsize
+    if len(data) != expected:
+        raise ValueError(f"the server sent {len(data)} bytes of {field}, not {expected}")
+    return np.frombuffer(data, dtype).reshape(IMAGE_SIDE, IMAGE_SIDE)
+
+
 def _load_images(path: Path) -> list[bytes | np.ndarray]:
     data = path.read_bytes()
     if data.startswith(PNG_SIGNATURE):
@@ -119,6 +180,11 @@ def _load_images(path: Path) -> list[bytes | np.ndarray]:
         raise IdxError(f"{path}: neither a PNG nor an IDX images file ({error})") from error
 
 
+def _label(path: Path, index: int, count: int) -> str:
+    """How a line names an image: the file's name, with the index of an IDX file's image."""
+    return path.name if count == 1 else f"{path.name}[{index}]"
+
+
 def _classify_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
     for path in files:
         images = _load_images(path)
@@ -126,11 +192,70 @@ def _classify_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
             chunk = images[start : start + args.batch_size]
             predictions = client.classify(chunk, args.model, args.model_version)
             for offset, prediction in enumerate(predictions):
-                label = path.name if len(images) == 1 else f"{path.name}[{start + offset}]"
+                label = _label(path, start + offset, len(images))
                 print(
                     f"{label}\tdigit={prediction.digit}\tP(7)={prediction.probability_seven:.4f}"
                     f"\tmodel={prediction.model_name}/{prediction.model_version}"
                 )
+    return 0
+
+
+@dataclass(frozen=True)
+class _ToExplain:
+    """One image for `explain`: how its line names it, and where its picture goes."""
+
+    label: str
+    image: bytes | np.ndarray
+    picture: Path
+
+
+def _pictures(files: Sequence[Path], out: Path) -> list[_ToExplain]:
+    """Every image of `files`, with where its picture goes: `out` itself for a lone image
+    (unless `out` is a directory), else `out/<file stem>[-<index>].explained.png`, the
+    index for the images of an IDX file. Two images may not share a picture."""
+    loaded = [(path, _load_images(path)) for path in files]
+    into_directory = out.is_dir() or sum(len(images) for _, images in loaded) > 1
+    todo = [
+        _ToExplain(
+            _label(path, index, len(images)),
+            image,
+            out / _picture_name(path, index, len(images)) if into_directory else out,
+        )
+        for path, images in loaded
+        for index, image in enumerate(images)
+    ]
+    named: dict[Path, str] = {}
+    for item in todo:
+        if item.picture in named:
+            raise ValueError(
+                f"{named[item.picture]} and {item.label} would both be drawn to {item.picture}"
+            )
+        named[item.picture] = item.label
+    if into_directory:
+        out.mkdir(parents=True, exist_ok=True)
+    return todo
+
+
+def _picture_name(path: Path, index: int, count: int) -> str:
+    return f"{path.stem}{PICTURE_SUFFIX}" if count == 1 else f"{path.stem}-{index}{PICTURE_SUFFIX}"
+
+
+def _explain_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
+    todo = _pictures(files, args.out)
+    for start in range(0, len(todo), args.batch_size):
+        chunk = todo[start : start + args.batch_size]
+        explanations = client.explain(
+            [item.image for item in chunk], args.model, args.model_version
+        )
+        for item, e in zip(chunk, explanations, strict=True):
+            render_explanation(
+                e.pixels, e.contributions, e.logit, e.probability_seven, e.digit, item.picture
+            )
+            print(
+                f"{item.label}\tdigit={e.digit}\tP(7)={e.probability_seven:.4f}"
+                f"\tlogit={e.logit:+.3f}\tbias={e.bias_term:+.3f}"
+                f"\tmodel={e.model_name}/{e.model_version}\tpicture={item.picture}"
+            )
     return 0
 
 
@@ -161,13 +286,6 @@ def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) ->
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {text}")
-    return value
-
-
 def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -> None:
     """--server and --timeout; without `defaults` a value given here overrides, and an
     absent one leaves the main parser's value alone."""
@@ -185,42 +303,68 @@ def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -
     )
 
 
+def _add_image_arguments(parser: argparse.ArgumentParser) -> None:
+    """What `classify` and `explain` share: the connection, the model, the batch size."""
+    _add_connection_arguments(parser, defaults=False)  # also accepted after the command
+    parser.add_argument("--model", default="", help=f"model name (default {DEFAULT_MODEL_NAME})")
+    parser.add_argument("--model-version", default="", help="version (default: newest)")
+    parser.add_argument(
+        "--batch-size",
+        type=parse_as(int, POSITIVE),
+        default=DEFAULT_BATCH_SIZE,
+        help=f"images per request (default {DEFAULT_BATCH_SIZE})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """By hand, not `serving.settings`: a subcommand with positional files, --server and
+    --timeout accepted on both sides of it, and --check that needs --labels."""
     parser = argparse.ArgumentParser(prog="mnist37-client", description=__doc__.splitlines()[0])
     _add_connection_arguments(parser, defaults=True)
     commands = parser.add_subparsers(dest="command", required=True)
     classify = commands.add_parser("classify", help="classify PNG or IDX files")
-    _add_connection_arguments(classify, defaults=False)  # also accepted after `classify`
+    _add_image_arguments(classify)
     classify.add_argument("files", nargs="*", type=Path, help="PNG files or IDX image files")
-    classify.add_argument("--model", default="", help=f"model name (default {DEFAULT_MODEL_NAME})")
-    classify.add_argument("--model-version", default="", help="version (default: newest)")
     classify.add_argument("--check", type=Path, metavar="IMAGES_IDX", help="accuracy mode")
     classify.add_argument("--labels", type=Path, metavar="LABELS_IDX", help="labels for --check")
-    classify.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=DEFAULT_BATCH_SIZE,
-        help=f"images per request (default {DEFAULT_BATCH_SIZE})",
+    explain = commands.add_parser(
+        "explain", help="draw why each image is a 3 or a 7: its pixel votes, logit and P(7)"
+    )
+    _add_image_arguments(explain)
+    explain.add_argument("files", nargs="+", type=Path, help="PNG files or IDX image files")
+    explain.add_argument(
+        "--out",
+        type=Path,
+        default=Path("."),
+        help=(
+            "the picture (PNG) of a lone image; a directory for several images (created if "
+            f"need be), which gets <file stem>{PICTURE_SUFFIX}, or <file stem>-<index>"
+            f"{PICTURE_SUFFIX} for an IDX file's images (default: the current directory)"
+        ),
     )
     return parser
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.check and not args.labels:
-        parser.error("--check needs --labels")
-    if not args.check and not args.files:
-        parser.error("classify needs FILE... or --check IMAGES_IDX --labels LABELS_IDX")
+    if args.command == "classify":
+        if args.check and not args.labels:
+            parser.error("--check needs --labels")
+        if not args.check and not args.files:
+            parser.error("classify needs FILE... or --check IMAGES_IDX --labels LABELS_IDX")
     try:
         with Mnist37Client(args.server, args.timeout) as client:
+            if args.command == "explain":
+                return _explain_files(client, args.files, args)
             if args.check:
                 return _check(client, args.check, args.labels, args)
             return _classify_files(client, args.files, args)
     except grpc.RpcError as error:
         print(f"mnist37-client: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
-    except (OSError, IdxError) as error:
+    except (OSError, ValueError) as error:  # IdxError is a ValueError
         print(f"mnist37-client: {error}", file=sys.stderr)
         return 1
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.contract import IMAGE_SIDE, IMAGES, OUTPUT_DATATYPES, OUTPUT_NAMES, PIXELS, PROBABILITY
-from serving.errors import MAX_ECHOED_CHARACTERS, InvalidInput, shown
+from serving.errors import InvalidInput, shown
 from serving.generated.inference import grpc_service_pb2 as pb
 
 _CONTENT_FIELDS = (
@@ -43,7 +43,6 @@ IGNORED_INPUT_PARAMETERS = frozenset({"binary_data_size"})
 IGNORED_OUTPUT_PARAMETERS = frozenset({"binary_data"})
 # A message lists this many refused parameter names (or dimensions of a shape) at most.
 MAX_LISTED = 8
-
 
 # (image count, the field it came from): raises InvalidInput if the count is too large
 ImageCountCheck = Callable[[int, str], None]
@@ -129,7 +128,7 @@ def requested_outputs(outputs: Sequence[tuple[str, Iterable[str]]]) -> tuple[str
                 f"expected one of {list(OUTPUT_NAMES)}"
             )
         if name in names:
-            raise InvalidInput(f"outputs[{index}].name: {name!r} is requested twice")
+            raise InvalidInput(f"outputs[{index}].name: {shown(name)} is requested twice")
         check_parameters(parameters, IGNORED_OUTPUT_PARAMETERS, f"outputs[{index}].parameters")
         names.append(name)
     return tuple(names)
@@ -143,11 +142,11 @@ def shape_text(shape: Sequence[int]) -> str:
 
 
 def _names(keys: Sequence[str]) -> str:
-    """`classification is` or `a, b are`: the parameters an error message names (long
-    names cut, many names counted)."""
-    listed = [key if len(key) <= MAX_ECHOED_CHARACTERS else shown(key) for key in keys]
-    more = len(listed) - MAX_LISTED
-    text = ", ".join(listed[:MAX_LISTED]) + (f" and {more} more" if more > 0 else "")
+    """`'classification' is` or `'a', 'b' are`: the parameters an error message names (the
+    first few, each cut short: a client's map can be large)."""
+    listed = ", ".join(shown(key, 40) for key in keys[:MAX_LISTED])
+    more = len(keys) - MAX_LISTED
+    text = listed + (f" and {more} more" if more > 0 else "")
     return f"{text} {'is' if len(keys) == 1 else 'are'}"
 
 

@@ -3,8 +3,9 @@
 Every request runs inside one `EdgeCall` (`RpcCall` for gRPC, `serving.rest.edge.HttpCall`
 for HTTP), which turns a `ServingError` into its status, counts the request by status code
 with its model and version (bounded labels), times it, and logs it once if it failed
-(rate-limited per RPC and code). An inference request refused as invalid after its model
-was resolved also counts as failed in that model's Triton statistics.
+(rate-limited per RPC and code). An inference request refused (invalid, or an Explain of a
+version that cannot explain) after its model was resolved also counts as failed in that
+model's Triton statistics.
 
 `STATUS` is the one map from error types to statuses: each type has a gRPC status code and
 an HTTP status, so both protocols answer the same error the same way, and the metrics and
@@ -32,6 +33,7 @@ from serving.errors import (
     InvalidInput,
     MethodNotAllowed,
     ModelNotFound,
+    NotExplainable,
     Overloaded,
     RequestTimeout,
     RequestTooLarge,
@@ -76,11 +78,15 @@ STATUS: dict[type[ServingError], Status] = {
     ServerNotReady: Status(grpc.StatusCode.UNAVAILABLE, 503),
     DeadlineExpired: DEADLINE_EXCEEDED,
     Overloaded: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    NotExplainable: Status(grpc.StatusCode.FAILED_PRECONDITION, 409),
     ClientGone: CANCELLED,
     Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),
     UnknownEndpoint: Status(grpc.StatusCode.UNIMPLEMENTED, 404),
     MethodNotAllowed: Status(grpc.StatusCode.UNIMPLEMENTED, 405),
 }
+# Refused by the model the RPC resolved, before any inference: counted as failed requests
+# in that model's Triton statistics here, since the data plane never saw them run.
+_REFUSED = (InvalidInput, NotExplainable)
 
 _CLIENT_SIDE = {
     grpc.StatusCode.CANCELLED,
@@ -89,6 +95,7 @@ _CLIENT_SIDE = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.UNIMPLEMENTED,
 }
@@ -201,7 +208,7 @@ class EdgeCall:
 
     def _outcome(self, error: BaseException, seconds: float) -> Outcome | None:
         if isinstance(error, ServingError):
-            if self._inference and self._loaded is not None and isinstance(error, InvalidInput):
+            if self._inference and self._loaded is not None and isinstance(error, _REFUSED):
                 self._dataplane.record_rejected(self._loaded, int(seconds * 1e9))
             return status_of(error), str(error)
         if isinstance(error, asyncio.CancelledError):

@@ -9,10 +9,12 @@ MAX_ECHOED_CHARACTERS = 100
 
 
 def shown(text: str, limit: int = MAX_ECHOED_CHARACTERS) -> str:
-    """`text` quoted for a message, cut to `limit` characters with its full length noted."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} characters)"
+    """`text` quoted for a message, at most `limit` characters of it (escapes counted, so
+    unprintable characters cannot multiply its length), with its full length noted if cut."""
+    quoted = repr(text[:limit])
+    if len(text) <= limit and len(quoted) <= limit + 2:
+        return quoted
+    return f"{quoted[:limit]}... ({len(text)} characters)"
 
 
 class ServingError(Exception):
@@ -49,6 +51,13 @@ class Overloaded(ServingError):
     """A bounded resource (a model's queue, the decoding threads) is full: retry later."""
 
     kind = "resource_exhausted"
+
+
+class NotExplainable(ServingError):
+    """The model version cannot explain its predictions: it was published without an
+    explanation graph."""
+
+    kind = "failed_precondition"
 
 
 class RequestTooLarge(InvalidInput):

@@ -4,6 +4,7 @@
     python -m serving.healthcheck --service liveness        # alive, model loaded or not
     python -m serving.healthcheck --address host:8001 --service mnist37 --timeout 2
 
+Each flag also reads a variable of its own (`--timeout`: MNIST37_HEALTHCHECK_TIMEOUT).
 Asks the standard gRPC health service (`grpc.health.v1.Health/Check`) and prints one line.
 Exit status 0 if the answer is SERVING; 1 for any other answer, an unknown service, no
 answer within --timeout seconds, or a server that cannot be reached; 2 for usage errors.
@@ -16,13 +17,17 @@ only (no torch, no onnxruntime), so it starts fast in a HEALTHCHECK.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from serving.console import console_script
+from serving.settings import POSITIVE, load, setting
 
 DEFAULT_PORT = 8001
 PORT_VARIABLE = "MNIST37_GRPC_PORT"
@@ -55,38 +60,33 @@ def check(address: str, service: str = "", timeout: float = DEFAULT_TIMEOUT_S) -
     return response.status == health_pb2.HealthCheckResponse.SERVING, f"{what}: {status}"
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {text}")
-    return value
+@dataclass(frozen=True)
+class HealthcheckSettings:
+    """Exit 0 if the gRPC health service answers SERVING, 1 otherwise."""
 
+    prog: ClassVar[str] = "python -m serving.healthcheck"
+    # Its own variables: in the server's container MNIST37_* are the server's settings.
+    env_prefix: ClassVar[str] = "MNIST37_HEALTHCHECK_"
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m serving.healthcheck",
-        description="Exit 0 if the gRPC health service answers SERVING, 1 otherwise.",
+    address: str | None = setting(
+        None,
+        "host:port of the gRPC server",
+        default_help=f"`localhost:${PORT_VARIABLE}`, or `localhost:{DEFAULT_PORT}`",
     )
-    parser.add_argument(
-        "--address",
-        default=default_address(),
-        help=f"host:port of the gRPC server (default: localhost:${PORT_VARIABLE}, "
-        f"or localhost:{DEFAULT_PORT}; now %(default)s)",
-    )
-    parser.add_argument(
-        "--service",
-        default="",
-        help="service to ask about: '' (the server: ready, a model is loaded), "
+    service: str = setting(
+        "",
+        "service to ask about: '' (the server: ready, a model is loaded), "
         f"'{LIVENESS_SERVICE}' (alive, model or not), a gRPC service name or a model name",
+        default_help="`''`, the server",
     )
-    parser.add_argument(
-        "--timeout",
-        type=_positive_float,
-        default=DEFAULT_TIMEOUT_S,
-        help="seconds to wait for the answer (default: %(default)s)",
-    )
-    args = parser.parse_args(argv)
-    serving, line = check(args.address, args.service, args.timeout)
+    timeout: float = setting(DEFAULT_TIMEOUT_S, "seconds to wait for the answer", allowed=POSITIVE)
+
+
+@console_script
+def main(argv: Sequence[str] | None = None) -> int:
+    args = load(HealthcheckSettings, argv)
+    address = args.address or default_address()
+    serving, line = check(address, args.service, args.timeout)
     print(line, flush=True)
     return 0 if serving else 1
 

@@ -15,12 +15,11 @@ from pathlib import Path
 
 import grpc
 
-from serving.config import env_var
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 
-# --http-port's variable: the launcher sets it until ServerConfig has the flag.
-HTTP_PORT_VARIABLE = env_var("http_port")
+# gRPC metadata: (key, value) pairs, an `authorization` token say.
+Metadata = Sequence[tuple[str, str]]
 
 
 class ServerNotReady(RuntimeError):
@@ -40,6 +39,7 @@ class ServerProcess:
     port: int
     log_path: Path
     http_port: int = 0  # 0: HTTP off
+    tls: bool = False  # started with --tls-cert: gRPC over TLS, HTTPS
 
     @property
     def target(self) -> str:
@@ -53,7 +53,7 @@ class ServerProcess:
 
     @property
     def http_url(self) -> str:
-        return f"http://{self.http_address}"
+        return f"{'https' if self.tls else 'http'}://{self.http_address}"
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -74,14 +74,22 @@ def start_server(
     prefix: Sequence[str] = (),
     http: bool = True,
     environment: Mapping[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: Metadata = (),
 ) -> ServerProcess:
     """Run `python -m serving.server` on a free port, its output in `log_dir`; with `wait`,
-    return once ServerReady is true. `prefix` runs the server through another command
-    (one that puts it into a memory-limited cgroup, say) that ends by exec-ing it. With
-    `http`, the HTTP endpoints listen on another free port, else HTTP is off.
-    `environment` adds variables to the server's (settings without a flag yet, say)."""
+    return once ServerReady is true, asked over a channel with `credentials` (for a server
+    started with `--tls-cert`: TLS, with a client certificate for mutual TLS) and with
+    `metadata` (with `--auth-token-file`: the token; ServerReady is no health check);
+    insecure and bare without them. `prefix` runs the server through another command (one
+    that puts it into a memory-limited cgroup, say) that ends by exec-ing it. With `http`,
+    the HTTP endpoints listen on another free port, else HTTP is off (`--http-port 0`; a
+    `--http-port` in `extra` wins). `environment` adds variables to the server's."""
     port = free_port()
     http_port = _other_free_port(port) if http else 0
+    if "--http-port" in extra:  # the last one is the one the server takes
+        last = len(extra) - 1 - extra[::-1].index("--http-port")
+        http_port = int(extra[last + 1])
     log_path = log_dir / f"server-{port}.log"
     command = [
         *prefix,
@@ -96,14 +104,16 @@ def start_server(
         str(port),
         "--metrics-port",
         "0",
+        "--http-port",
+        str(http_port),
         *extra,
     ]
-    env = {**os.environ, HTTP_PORT_VARIABLE: str(http_port), **(environment or {})}
+    env = {**os.environ, **(environment or {})}
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(process, port, log_path, http_port)
+    server = ServerProcess(process, port, log_path, http_port, tls="--tls-cert" in extra)
     if wait:
-        wait_ready(server, timeout)
+        wait_ready(server, timeout, credentials, metadata)
     return server
 
 
@@ -114,18 +124,37 @@ def _other_free_port(taken: int) -> int:
     return port
 
 
-def wait_ready(server: ServerProcess, timeout: float = 60.0) -> None:
+def wait_ready(
+    server: ServerProcess,
+    timeout: float = 60.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: Metadata = (),
+) -> None:
+    """Until ServerReady is true, asked over a channel with `credentials` (None: insecure)
+    and `metadata`; ServerNotReady if the server exits or `timeout` seconds pass first.
+    Each attempt opens a new channel: a TLS channel that first tried before the server
+    listened was seen never to finish a handshake later (each one timed out)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = oip_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise ServerNotReady(f"server exited {server.process.returncode}:\n{server.log()}")
-            try:
-                if stub.ServerReady(oip_pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerNotReady(f"server exited {server.process.returncode}:\n{server.log()}")
+        if _ready(server.target, credentials, metadata):
+            return
+        time.sleep(0.1)
     server.terminate()
     raise ServerNotReady(f"server not ready within {timeout}s:\n{server.log()}")
+
+
+def _ready(target: str, credentials: grpc.ChannelCredentials | None, metadata: Metadata) -> bool:
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            request = oip_pb.ServerReadyRequest()
+            return stub.ServerReady(request, timeout=1, metadata=tuple(metadata)).ready
+        except grpc.RpcError:
+            return False

@@ -16,10 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
-from serving.batcher import BatchListener, DynamicBatcher
+from serving.batcher import BatchListener, DynamicBatcher, PredictFunction
 from serving.errors import ModelNotFound, shown
-from serving.repository import ModelCard, ModelVersion, RepositoryError, parse_version
-from serving.runtime import ModelRuntime, RuntimeOptions
+from serving.repository import EXPLANATION_FILE, MODEL_FILE, ModelCard, ModelVersion, parse_version
+from serving.runtime import ExplanationRuntime, ModelRuntime, RuntimeOptions
 from serving.stats import InferenceStats
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,19 @@ log = logging.getLogger(__name__)
 class BatchingOptions:
     max_batch_size: int = 64
     max_queue_delay_s: float = 0.0
+    max_queued_images: int | None = None  # None: unbounded (the server always bounds it)
+    max_queued_requests: int | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedExplanation:
+    """A version's explanation graph, served beside its model: a session of its own with
+    the same runtime options, and a batcher of its own (a batch is of one graph) on the
+    same executor, statistics and batch listener: an explanation is an inference of the
+    version, which also classifies its images."""
+
+    runtime: ExplanationRuntime
+    batcher: DynamicBatcher
 
 
 @dataclass(eq=False)
@@ -40,6 +53,7 @@ class LoadedModel:
     batcher: DynamicBatcher
     card: ModelCard
     stats: InferenceStats
+    explanation: LoadedExplanation | None = None  # None: published without explanation.onnx
     in_flight: int = 0
     _idle: asyncio.Event | None = field(default=None, repr=False)
 
@@ -116,7 +130,7 @@ class ModelRegistry:
         model = versions.get(number) if number is not None else None
         if model is None:
             raise ModelNotFound(
-                f"model {name!r} has no loaded version {shown(version)} "
+                f"model {shown(name)} has no loaded version {shown(version)} "
                 f"(loaded: {[str(number) for number in versions]})"
             )
         return model
@@ -141,28 +155,43 @@ def load_model_version(
     executor: Executor,
     on_batch: BatchListener | None = None,
 ) -> LoadedModel:
-    """Load, check and warm up one version (blocking: call it off the event loop)."""
-    runtime = ModelRuntime(model_version.model_path, runtime_options)
-    try:
-        card = model_version.read_card()
-    except RepositoryError as error:
-        log.warning("%s", error)  # the model still serves; only its description is missing
-        card = ModelCard()
+    """Load, check and warm up one version, and its explanation graph if it has one
+    (blocking: call it off the event loop). Its card must be readable and each file the
+    one the card describes (sha256, inside the repository): a version that is not what
+    was published is not served, nor one whose explanation graph does not load."""
+    card = model_version.read_card()
+    label = Path(model_version.label)
+    model = model_version.read_verified(card, card.model_file)
+    runtime = ModelRuntime(label / MODEL_FILE, runtime_options, model)
+    explainer = None
+    if card.explanation_file is not None or model_version.explanation_path.exists():
+        graph = model_version.read_verified(card, card.explanation_file, EXPLANATION_FILE)
+        explainer = ExplanationRuntime(label / EXPLANATION_FILE, runtime_options, graph)
     stats = InferenceStats()
-    batcher = DynamicBatcher(
-        runtime.predict,
-        executor,
-        max_batch_size=batching.max_batch_size,
-        max_queue_delay_s=batching.max_queue_delay_s,
-        stats=stats,
-        on_batch=on_batch,
-    )
+
+    def batcher_for(predict: PredictFunction) -> DynamicBatcher:
+        return DynamicBatcher(
+            predict,
+            executor,
+            max_batch_size=batching.max_batch_size,
+            max_queue_delay_s=batching.max_queue_delay_s,
+            max_queued_images=batching.max_queued_images,
+            max_queued_requests=batching.max_queued_requests,
+            stats=stats,
+            on_batch=on_batch,
+        )
+
     return LoadedModel(
         name=model_version.name,
         version=model_version.version,
         path=model_version.path,
         runtime=runtime,
-        batcher=batcher,
+        batcher=batcher_for(runtime.predict),
         card=card,
         stats=stats,
+        explanation=(
+            LoadedExplanation(explainer, batcher_for(explainer.run))
+            if explainer is not None
+            else None
+        ),
     )

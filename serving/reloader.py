@@ -3,11 +3,12 @@
 `ModelReloader.reload()` scans the repository (directory listings and a `stat` per version,
 cheap enough to run every --poll-interval seconds), and for each model serves the newest
 `keep_versions` versions that load. A version is new to it -> loaded off the event loop
-(the contract check and the warm-up batch run inside `ModelRuntime`), then swapped into the
-registry at once. A version that left (a newer one arrived, or its directory was deleted) is
-unloaded once its in-flight requests finish. A version that fails to load is logged, counted
-and remembered with its files' fingerprint (inode, size, mtime): it is not tried again until
-its files change, and the versions already served keep serving.
+(the contract checks and warm-up batches of its model and explanation graphs run in
+`serving.runtime`), then swapped into the registry at once. A version that left (a newer
+one arrived, or its directory was deleted) is unloaded once its in-flight requests finish.
+A version that fails to load is logged, counted and remembered with its files'
+fingerprint (inode, size, mtime): it is not tried again until its files change, and the
+versions already served keep serving.
 
 Scans never overlap: `trigger()` (SIGHUP) during a scan runs another one right after it.
 """
@@ -31,7 +32,8 @@ from serving.stats import InferenceObserver
 log = logging.getLogger(__name__)
 
 FileStamp = tuple[int, int, int]  # inode, size, mtime in ns
-Fingerprint = tuple[int, FileStamp | None, FileStamp | None]  # directory inode, onnx, card
+# directory inode, then model.onnx, model.json and explanation.onnx (None: no such file)
+Fingerprint = tuple[int, FileStamp | None, FileStamp | None, FileStamp | None]
 Loader = Callable[[ModelVersion], LoadedModel]
 
 
@@ -61,6 +63,7 @@ def scan_model(repository: Path, name: str) -> list[VersionOnDisk]:
             directory_inode,
             _stamp(model_version.model_path),
             _stamp(model_version.card_path),
+            _stamp(model_version.explanation_path),  # it loads with the version, or fails it
         )
         found.append(VersionOnDisk(model_version, fingerprint))
     return found

@@ -1,4 +1,5 @@
-"""The model repository: `<repository>/<model_name>/<version>/{model.onnx,model.json}`.
+"""The model repository: `<repository>/<model_name>/<version>/{model.onnx,model.json}`,
+and `explanation.onnx` in versions that can explain their predictions.
 
 The layout follows Triton's. Versions are positive integers. A version directory appears
 complete or not at all: publishers build it in a hidden staging directory on the same
@@ -21,19 +22,26 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from serving.atomic import fsync_directory, write_json_atomically
 
 MODEL_FILE = "model.onnx"
 CARD_FILE = "model.json"
+EXPLANATION_FILE = "explanation.onnx"
+"""The explanation graph (training/explain.py), published next to the model since the
+Explain RPC; versions published before have none."""
 DEFAULT_MODEL_NAME = "mnist37"
 _LOCK_FILE = ".publish.lock"
 _HIGHEST_VERSION_FILE = ".highest-version"
 _STAGING_PREFIX = ".staging-"
 _VERSION_NAME = re.compile(r"[1-9][0-9]*")
+# The highest version number there can be, on every path (RPCs, scans, publishing): Triton's
+# int64 versions would fit, but a number no publisher reaches in practice keeps a stray
+# directory named 99999999999 from being served as the newest or blocking the next publish.
+MAX_VERSION = 2**31 - 1
 CARD_SCHEMA_VERSION = 1
 """The card schema this code writes. Cards of any schema are read as far as they go, so a
 field may only be added, never renamed or given another meaning, without a new number."""
@@ -66,6 +74,19 @@ class ModelFileRecord:
 
 
 @dataclass(frozen=True)
+class ExplanationFileRecord(ModelFileRecord):
+    """The card's `explanation_file`: what `explanation.onnx` was when it was published,
+    and the check it passed then (`training.explain.ExplanationReport.as_dict()`)."""
+
+    name: str = EXPLANATION_FILE
+    check: Mapping[str, Any] | None = None
+
+    @classmethod
+    def of(cls, graph: bytes, check: Mapping[str, Any] | None = None) -> ExplanationFileRecord:
+        return replace(super().of(graph), check=_copy(check))
+
+
+@dataclass(frozen=True)
 class ModelCard:
     """A version's model card (`model.json`), one attribute per top-level key of the schema
     (keys it does not know are not kept).
@@ -83,6 +104,7 @@ class ModelCard:
     training: Mapping[str, Any] | None = None
     metrics: Mapping[str, Any] | None = None  # {"test": {"accuracy": ..., ...}}
     model_file: ModelFileRecord | None = None
+    explanation_file: ExplanationFileRecord | None = None  # None: the version cannot explain
     onnx: Mapping[str, Any] | None = None
     parity: Mapping[str, Any] | None = None
     libraries: Mapping[str, str] | None = None
@@ -99,13 +121,17 @@ class ModelCard:
         return float(accuracy) if accuracy is not None else None
 
     @classmethod
-    def read(cls, path: Path) -> ModelCard:
-        """The card in `path`; RepositoryError if it is unreadable or malformed."""
+    def read(cls, path: Path, shown: str | None = None) -> ModelCard:
+        """The card in `path`; RepositoryError if it is unreadable or malformed. Messages
+        name the card `shown` (e.g. `mnist37/2/model.json`: no absolute path) if given."""
+        shown = shown or str(path)
         try:
             data = json.loads(path.read_text())
-        except (OSError, ValueError) as error:
-            raise RepositoryError(f"cannot read model card {path}: {error}") from error
-        return cls.from_json(data, f"model card {path}")
+        except OSError as error:
+            raise RepositoryError(f"cannot read model card {shown}: {error.strerror}") from error
+        except ValueError as error:
+            raise RepositoryError(f"cannot read model card {shown}: {error}") from error
+        return cls.from_json(data, f"model card {shown}")
 
     @classmethod
     def from_json(cls, data: object, where: str = "model card") -> ModelCard:
@@ -124,7 +150,12 @@ class ModelCard:
             published_at=field("published_at", str),
             training=field("training", dict),
             metrics=_read_metrics(field("metrics", dict), where),
-            model_file=_read_model_file(field("model_file", dict), where),
+            model_file=_read_file_record(
+                field("model_file", dict), ModelFileRecord, "model_file", where
+            ),
+            explanation_file=_read_file_record(
+                field("explanation_file", dict), ExplanationFileRecord, "explanation_file", where
+            ),
             onnx=field("onnx", dict),
             parity=field("parity", dict),
             libraries=field("libraries", dict),
@@ -135,6 +166,7 @@ class ModelCard:
     def as_json(self) -> dict[str, Any]:
         """The card as `model.json` holds it; what it does not say is left out."""
         architecture, model_file = self.architecture, self.model_file
+        explanation = self.explanation_file
         keys = {
             "schema_version": self.schema_version,
             "name": self.name,
@@ -146,6 +178,7 @@ class ModelCard:
             "training": _copy(self.training),
             "metrics": _copy(self.metrics),
             "model_file": asdict(model_file) if model_file is not None else None,
+            "explanation_file": asdict(explanation) if explanation is not None else None,
             "onnx": _copy(self.onnx),
             "parity": _copy(self.parity),
             "libraries": _copy(self.libraries),
@@ -204,14 +237,22 @@ def _read_metrics(metrics: dict | None, where: str) -> dict | None:
     return metrics
 
 
-def _read_model_file(model_file: dict | None, where: str) -> ModelFileRecord | None:
-    if model_file is None:
+_FILE_RECORD_KINDS = {"sha256": str, "bytes": int, "name": str, "check": dict}
+FileRecord = TypeVar("FileRecord", bound=ModelFileRecord)
+
+
+def _read_file_record(
+    record: dict | None, kind: type[FileRecord], key: str, where: str
+) -> FileRecord | None:
+    """The card's record `key` of one of the version's files, as a `kind`; what the card
+    leaves out or leaves empty (an older card has no `name`) takes `kind`'s default."""
+    if record is None:
         return None
-    return ModelFileRecord(
-        sha256=_field(model_file, "sha256", str, where, "model_file."),
-        bytes=_field(model_file, "bytes", int, where, "model_file."),
-        name=_field(model_file, "name", str, where, "model_file.") or MODEL_FILE,
-    )
+    values = {
+        name: _field(record, name, _FILE_RECORD_KINDS[name], where, f"{key}.")
+        for name in (field.name for field in fields(kind))
+    }
+    return kind(**{name: value for name, value in values.items() if value not in (None, "")})
 
 
 def _copy(record: Mapping[str, Any] | None) -> dict[str, Any] | None:
@@ -234,9 +275,49 @@ class ModelVersion:
     def card_path(self) -> Path:
         return self.path / CARD_FILE
 
+    @property
+    def label(self) -> str:
+        """`name/version`: how messages shown to clients name the version (no paths)."""
+        return f"{self.name}/{self.version}"
+
+    @property
+    def explanation_path(self) -> Path:
+        """Where the version's explanation graph is, if it has one."""
+        return self.path / EXPLANATION_FILE
+
     def read_card(self) -> ModelCard:
         """The version's model card; RepositoryError if it is unreadable or malformed."""
-        return ModelCard.read(self.card_path)
+        return ModelCard.read(self.card_path, f"{self.label}/{CARD_FILE}")
+
+    def read_verified(
+        self, card: ModelCard, record: ModelFileRecord | None, name: str = MODEL_FILE
+    ) -> bytes:
+        """The bytes of the file `record` describes, checked against it: a regular file
+        inside the repository (a symbolic link may not lead out of it) whose sha256 is the
+        one the card recorded at publishing. The caller loads these very bytes, so the file
+        cannot change between the check and the load."""
+        shown = f"{self.label}/{name}"
+        if record is None or not record.sha256:
+            raise RepositoryError(f"{shown}: the model card records no sha256 to check it by")
+        if card.version is not None and card.version != self.version:
+            raise RepositoryError(
+                f"{shown}: the model card is version {card.version}'s, not {self.version}'s"
+            )
+        path = self.path / name
+        repository = self.path.parent.parent.resolve()
+        if repository not in path.resolve().parents:
+            raise RepositoryError(f"{shown}: a symbolic link that leads out of the repository")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise RepositoryError(f"{shown}: cannot read: {error.strerror}") from error
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != record.sha256:
+            raise RepositoryError(
+                f"{shown}: sha256 {digest[:12]}... differs from the card's "
+                f"{record.sha256[:12]}...: the file changed after it was published"
+            )
+        return data
 
 
 def validate_model_name(name: str) -> str:
@@ -262,9 +343,13 @@ def list_models(repository: Path) -> list[str]:
 
 
 def parse_version(name: str) -> int | None:
-    """The version number `name` spells ("1", "2", ...: ASCII digits, no sign, no leading
-    zero), the same rule as for version directories; None for anything else."""
-    return int(name) if _VERSION_NAME.fullmatch(name) else None
+    """The version number `name` spells ("1", "2", ... up to MAX_VERSION: ASCII digits, no
+    sign, no leading zero), the same rule as for version directories; None for anything
+    else. The length is checked first, so a client's million-digit string costs nothing."""
+    if len(name) > len(str(MAX_VERSION)) or not _VERSION_NAME.fullmatch(name):
+        return None
+    number = int(name)
+    return number if number <= MAX_VERSION else None
 
 
 def list_versions(repository: Path, name: str) -> list[ModelVersion]:
@@ -273,9 +358,9 @@ def list_versions(repository: Path, name: str) -> list[ModelVersion]:
     if not model_dir.is_dir():
         return []
     versions = [
-        ModelVersion(name, int(entry.name), entry)
+        ModelVersion(name, number, entry)
         for entry in model_dir.iterdir()
-        if _VERSION_NAME.fullmatch(entry.name) and entry.is_dir()
+        if (number := parse_version(entry.name)) is not None and entry.is_dir()
     ]
     return sorted(versions, key=lambda v: v.version)
 
@@ -321,6 +406,11 @@ def publish(
         for stale in model_dir.glob(_STAGING_PREFIX + "*"):
             shutil.rmtree(stale, ignore_errors=True)  # left by a publisher that died
         version = _highest_version_ever(model_dir) + 1
+        if version > MAX_VERSION:
+            raise RepositoryError(
+                f"model {name} has a version {MAX_VERSION}, the highest number there can be: "
+                "nothing can be published after it (remove that version to go on)"
+            )
         staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=model_dir))
         try:
             write_version(staging, version)
@@ -341,7 +431,7 @@ def publish(
 
 def _highest_version_ever(model_dir: Path) -> int:
     """The highest version number present or recorded as published (0 if none)."""
-    present = [int(e.name) for e in model_dir.iterdir() if _VERSION_NAME.fullmatch(e.name)]
+    present = [number for entry in model_dir.iterdir() if (number := parse_version(entry.name))]
     record = model_dir / _HIGHEST_VERSION_FILE
     try:
         recorded = int(json.loads(record.read_text())) if record.exists() else 0
@@ -350,4 +440,9 @@ def _highest_version_ever(model_dir: Path) -> int:
             f"cannot read {record} (the highest version published): {error}; "
             "fix or delete it to continue from the versions present"
         ) from error
+    if not 0 <= recorded < MAX_VERSION:
+        raise RepositoryError(
+            f"{record} says {recorded} versions were published; the next would pass "
+            f"the highest version number, {MAX_VERSION}: fix or delete it"
+        )
     return max([recorded, *present])

@@ -2,9 +2,11 @@
 
     mnist37-models list --repository DIR [--model-name NAME] [--json]
 
-lists every published version with its architecture, test accuracy, training time and the
-sha256 of its `model.onnx`, checked against the model card. Exit status 1 if any version is
-damaged (unreadable card, missing model file or a checksum mismatch), 2 on usage errors.
+lists every published version with its architecture, test accuracy, training time, the
+sha256 of its `model.onnx` and whether it can explain its predictions (EXPLAIN: it has an
+`explanation.onnx`), each file checked against the model card. Exit status 1 if any version
+is damaged (unreadable card, missing model file, a checksum mismatch, an explanation file
+the card does not record or one it records that is missing), 2 on usage errors.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from serving.console import console_script
 from serving.repository import (
+    ExplanationFileRecord,
     ModelFileRecord,
     ModelVersion,
     RepositoryError,
@@ -42,6 +46,8 @@ class VersionSummary:
     created_at: str | None = None
     sha256: str | None = None
     bytes: int | None = None
+    explainable: bool = False  # it has an explanation graph, which the server loads
+    explanation_sha256: str | None = None
     problems: list[str] = field(default_factory=list)
 
 
@@ -61,6 +67,8 @@ def summarize_version(version: ModelVersion) -> VersionSummary:
     except RepositoryError as error:
         return VersionSummary(name, number, str(path), problems=[str(error)])
     model_file = card.model_file or ModelFileRecord()
+    explanation = card.explanation_file
+    explainable = version.explanation_path.exists()
     return VersionSummary(
         model=name,
         version=number,
@@ -70,26 +78,41 @@ def summarize_version(version: ModelVersion) -> VersionSummary:
         created_at=card.created_at,
         sha256=model_file.sha256,
         bytes=model_file.bytes,
-        problems=_model_file_problems(version.model_path, model_file.sha256),
+        explainable=explainable,
+        explanation_sha256=explanation.sha256 if explanation is not None else None,
+        problems=[
+            *_file_problems(version.model_path, model_file.sha256),
+            *_explanation_problems(version.explanation_path, explainable, explanation),
+        ],
     )
 
 
-def _model_file_problems(model_path: Path, recorded_sha256: str | None) -> list[str]:
-    """What is wrong with `model.onnx` measured against the sha256 its card records."""
+def _explanation_problems(
+    path: Path, present: bool, record: ExplanationFileRecord | None
+) -> list[str]:
+    """What is wrong with the explanation graph: none at all is fine (a version published
+    before explanations were), but the file and the card's record come together."""
+    if not present and record is None:
+        return []
+    return _file_problems(path, record.sha256 if record is not None else None)
+
+
+def _file_problems(path: Path, recorded_sha256: str | None) -> list[str]:
+    """What is wrong with a version's file measured against the sha256 its card records."""
     try:
-        actual_sha256 = hashlib.sha256(model_path.read_bytes()).hexdigest()
+        actual_sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as error:
-        return [f"cannot read {model_path}: {error.strerror}"]
+        return [f"cannot read {path}: {error.strerror}"]
     if recorded_sha256 is None:
-        return [f"{model_path} has sha256 {actual_sha256}, the card records none"]
+        return [f"{path} has sha256 {actual_sha256}, the card records none"]
     if actual_sha256 != recorded_sha256:
-        return [f"{model_path} has sha256 {actual_sha256}, the card says {recorded_sha256}"]
+        return [f"{path} has sha256 {actual_sha256}, the card says {recorded_sha256}"]
     return []
 
 
 def format_table(summaries: Sequence[VersionSummary]) -> str:
     """The listing as an aligned text table."""
-    header = ("MODEL", "VERSION", "ARCH", "TEST ACC", "CREATED AT", "SHA256", "STATUS")
+    header = ("MODEL", "VERSION", "ARCH", "TEST ACC", "CREATED AT", "SHA256", "EXPLAIN", "STATUS")
     rows = [header]
     for s in summaries:
         rows.append(
@@ -100,6 +123,7 @@ def format_table(summaries: Sequence[VersionSummary]) -> str:
                 f"{s.test_accuracy:.4f}" if s.test_accuracy is not None else "-",
                 s.created_at or "-",
                 s.sha256[:SHA256_PREFIX_LENGTH] if s.sha256 else "-",
+                "yes" if s.explainable else "no",
                 "DAMAGED" if s.problems else "ok",
             )
         )
@@ -110,7 +134,10 @@ def format_table(summaries: Sequence[VersionSummary]) -> str:
     )
 
 
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
+    # By hand, not `serving.settings`: a subcommand, and --model-name must not pick up the
+    # MNIST37_MODEL_NAME a training container sets (it would silently filter the listing).
     parser = argparse.ArgumentParser(prog="mnist37-models", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     listing = commands.add_parser("list", help="list models and versions with key metrics")

@@ -1,16 +1,18 @@
-"""One onnxruntime session per model version, checked against the model contract
-(`serving.contract`) when it loads."""
+"""The onnxruntime sessions of a model version, each checked against the model contract
+(`serving.contract`) when it loads: the serving graph's, and the explanation graph's
+where the version has one. One class loads, checks and warms up both."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnxruntime as ort
 
-from serving.contract import IMAGE_SIDE, IMAGES, OUTPUT_NAMES, OUTPUTS, TensorSpec
+from serving.contract import EXPLANATION_OUTPUTS, IMAGE_SIDE, IMAGES, OUTPUTS, TensorSpec
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +70,21 @@ def requested_providers(device: str) -> list[str]:
     raise ValueError(f"unknown device {device!r}")
 
 
-class ModelRuntime:
-    """A loaded, checked and warmed-up model. `predict` is thread-safe (onnxruntime's
-    `run` is) and blocks: call it off the event loop."""
+class GraphRuntime:
+    """One loaded, checked and warmed-up graph of a model version: `images` in, the
+    contract's `outputs` (a subclass's) out. `run` is thread-safe (onnxruntime's `run` is)
+    and blocks: call it off the event loop."""
 
-    def __init__(self, model_path: Path, options: RuntimeOptions = RuntimeOptions()) -> None:
+    outputs: ClassVar[tuple[TensorSpec, ...]]
+
+    def __init__(
+        self,
+        model_path: Path,
+        options: RuntimeOptions = RuntimeOptions(),
+        model_bytes: bytes | None = None,
+    ) -> None:
+        """Load `model_bytes` if given (already checked by the caller; `model_path` then
+        only names the model in messages), else the file at `model_path`."""
         self.model_path = model_path
         session_options = ort.SessionOptions()
         session_options.intra_op_num_threads = options.intra_op_threads
@@ -81,7 +93,9 @@ class ModelRuntime:
         session_options.log_severity_level = 3
         providers = requested_providers(options.device)
         self.session = ort.InferenceSession(
-            str(model_path), sess_options=session_options, providers=providers
+            model_bytes if model_bytes is not None else str(model_path),
+            sess_options=session_options,
+            providers=providers,
         )
         # onnxruntime falls back to CPU silently when a provider fails to initialise.
         self.provider = self.session.get_providers()[0]
@@ -91,8 +105,8 @@ class ModelRuntime:
                 f"back to {self.provider} (check the driver, CUDA and cuDNN libraries)"
             )
         self._check_contract()
-        self._output_names = list(OUTPUT_NAMES)
-        self.predict(np.zeros((2, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8))
+        self._output_names = [spec.name for spec in self.outputs]
+        self.run(np.zeros((2, IMAGE_SIDE, IMAGE_SIDE), dtype=np.uint8))
 
     def _check_contract(self) -> None:
         inputs = self.session.get_inputs()
@@ -101,17 +115,34 @@ class ModelRuntime:
             raise ContractViolation(f"{self.model_path}: inputs {names}, expected {[IMAGES.name]}")
         _check_tensor(self.model_path, inputs[0], IMAGES)
         outputs = {tensor.name: tensor for tensor in self.session.get_outputs()}
-        for spec in OUTPUTS:
+        for spec in self.outputs:
             if spec.name not in outputs:
                 raise ContractViolation(
                     f"{self.model_path}: no output {spec.name!r} (outputs: {sorted(outputs)})"
                 )
             _check_tensor(self.model_path, outputs[spec.name], spec)
 
+    def run(self, images: np.ndarray) -> tuple[np.ndarray, ...]:
+        """The `outputs` for uint8 [N, 28, 28] images, in their order."""
+        return tuple(self.session.run(self._output_names, {IMAGES.name: images}))
+
+
+class ModelRuntime(GraphRuntime):
+    """The serving graph (`model.onnx`): P(7) and the digit."""
+
+    outputs = OUTPUTS
+
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """P(7) as float32 [N] and the digit (3 or 7) as int64 [N] for uint8 [N, 28, 28]."""
-        probability, digit = self.session.run(self._output_names, {IMAGES.name: images})
+        probability, digit = self.run(images)
         return probability, digit
+
+
+class ExplanationRuntime(GraphRuntime):
+    """The explanation graph (`explanation.onnx`, training/explain.py): `run` gives the
+    contributions [N, 28, 28], bias_term, logit, probability and digit [N], in that order."""
+
+    outputs = EXPLANATION_OUTPUTS
 
 
 def _check_tensor(model_path: Path, tensor: ort.NodeArg, spec: TensorSpec) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -24,17 +25,24 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving.access import (
+    AccessConfigError,
+    AuthInterceptor,
+    TokenFile,
+    server_credentials,
+    server_ssl_context,
+)
 from serving.batcher import BatchListener
 from serving.catalog import Catalog
-from serving.classifier import Classification, ClassifierServicer
+from serving.classifier import MAX_EXPLANATION_BYTES, Classification, ClassifierServicer
 from serving.config import ServerConfig, load_config
+from serving.console import console_script
 from serving.contract import PIXELS
 from serving.dataplane import DataPlane
 from serving.edge import EdgeState
 from serving.generated.inference import grpc_service_pb2 as oip_pb
-from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
-from serving.generated.mnist37.v1 import classifier_pb2_grpc as classifier_grpc
+from serving.handlers import add_service
 from serving.healthcheck import LIVENESS_SERVICE
 from serving.imaging import PngLimits
 from serving.logs import FailureLogLimiter, configure_logging
@@ -51,8 +59,15 @@ from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_provide
 
 log = logging.getLogger("serving")
 
-OIP_SERVICE = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-CLASSIFIER_SERVICE = classifier_pb.DESCRIPTOR.services_by_name["Classifier"].full_name
+OIP_DESCRIPTOR = oip_pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+CLASSIFIER_DESCRIPTOR = classifier_pb.DESCRIPTOR.services_by_name["Classifier"]
+OIP_SERVICE = OIP_DESCRIPTOR.full_name
+CLASSIFIER_SERVICE = CLASSIFIER_DESCRIPTOR.full_name
+# What stays open to probes when tokens are required (unless --protect-health).
+HEALTH_METHODS = tuple(
+    f"/{method.full_name.rsplit('.', 1)[0]}/{method.name}"
+    for method in health_pb2.DESCRIPTOR.services_by_name["Health"].methods
+)
 # Health service names that are the server's own; a model of the same name gets no status.
 SERVER_HEALTH_SERVICES = ("", OIP_SERVICE, CLASSIFIER_SERVICE, LIVENESS_SERVICE)
 
@@ -76,6 +91,8 @@ class InferenceServer:
         self.png_executor = ThreadPoolExecutor(
             max_workers=config.png_threads, thread_name_prefix="png"
         )
+        # Requests large enough to stall the event loop while parsed are parsed here.
+        self.parse_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
         self.catalog = Catalog(
             self.dataplane,
             self.edge,
@@ -105,6 +122,20 @@ class InferenceServer:
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
         self.http: HttpServer | None = None
+        # Read at construction, so a bad TLS file or token file refuses to start at once.
+        # gRPC and HTTP take the same certificate, client CA and tokens.
+        try:
+            self.credentials = server_credentials(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            self.ssl_context = server_ssl_context(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            self.tokens = (
+                TokenFile(config.auth_token_file) if config.auth_token_file is not None else None
+            )
+        except AccessConfigError as error:
+            raise StartupError(str(error)) from error
 
     async def start(self) -> None:
         config = self.config
@@ -124,10 +155,11 @@ class InferenceServer:
         await self._start_http()
         if self.observer is not None:
             try:
-                self.observer.serve(config.host, config.metrics_port)
+                self.observer.serve(config.metrics_host, config.metrics_port)
             except OSError as error:
                 raise StartupError(
-                    f"cannot serve metrics on {config.host}:{config.metrics_port}: {error.strerror}"
+                    f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
+                    f"{error.strerror}"
                 ) from error
         await self._update_health()
         log.info(
@@ -149,6 +181,9 @@ class InferenceServer:
             self.dataplane,
             self.edge,
             self.http_routes(),
+            tokens=self.tokens,
+            open_health=not self.config.protect_health,
+            ssl_context=self.ssl_context,
             shutdown_timeout=self.config.shutdown_timeout,
         )
         try:
@@ -178,7 +213,12 @@ class InferenceServer:
                 config.inter_op_threads,
                 config.graph_optimization,
             ),
-            BatchingOptions(config.max_batch_size, config.max_queue_delay_us / 1e6),
+            BatchingOptions(
+                config.max_batch_size,
+                config.max_queue_delay_us / 1e6,
+                config.max_queued_images,
+                config.max_queued_requests,
+            ),
             self.executor,
             self._batch_listener(model_version),
         )
@@ -194,21 +234,65 @@ class InferenceServer:
 
         return on_batch
 
+    @property
+    def executors(self) -> tuple[ThreadPoolExecutor, ...]:
+        return (self.executor, self.png_executor, self.parse_executor)
+
+    def _grpc_options(self) -> list[tuple[str, int]]:
+        """The channel arguments that bound what one client can make the server spend."""
+        config = self.config
+        # The largest valid request (typed contents: up to 2 bytes a pixel), and the largest
+        # answer, Explain's: each image's votes and pixels, 3x its request.
+        message_limit = config.max_request_images * PIXELS * 2 + 1024 * 1024
+        answer_limit = config.max_request_images * MAX_EXPLANATION_BYTES + 1024 * 1024
+        return [
+            ("grpc.max_receive_message_length", message_limit),
+            ("grpc.max_send_message_length", answer_limit),
+            # gzip/deflate would be inflated before the size check (1 MB on the wire can
+            # become 1 GB): identity only, so a compressed request is refused unread.
+            ("grpc.compression_enabled_algorithms_bitset", 1),
+            # Streams per connection: with connections, what bounds the bytes received at
+            # once (gRPC reads a whole message before any handler can refuse it). Without
+            # "overload protection" the limit is plain HTTP/2 flow control: a client queues
+            # its extra streams instead of having them reset (REFUSED_STREAM, UNAVAILABLE).
+            ("grpc.max_concurrent_streams", config.max_streams_per_connection),
+            ("grpc.http.overload_protection", 0),
+            ("grpc.max_allowed_incoming_connections", config.max_connections),
+            ("grpc.max_connection_idle_ms", int(config.idle_timeout * 1000)),
+            # A connection that never finishes its handshake (or never sends a byte) is
+            # dropped after 5 s instead of 20, so it cannot hold up a shutdown.
+            ("grpc.server_handshake_timeout_ms", 5000),
+            # Ping idle-looking clients, drop those that do not answer within 20 s.
+            ("grpc.keepalive_time_ms", 60_000),
+            ("grpc.keepalive_timeout_ms", 20_000),
+            ("grpc.so_reuseport", 0),
+        ]
+
+    def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
+        if self.tokens is None:
+            return []
+        observer = self.dataplane.observer
+
+        def refused(rpc: str) -> None:
+            observer.rpc_finished(rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+
+        open_methods = () if self.config.protect_health else HEALTH_METHODS
+        return [AuthInterceptor(self.tokens, open_methods, refused)]
+
     def _build_grpc_server(self) -> None:
         config = self.config
-        message_limit = config.max_request_images * PIXELS * 2 + 1024 * 1024
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", message_limit),
-                ("grpc.max_send_message_length", message_limit),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        oip_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.dataplane, self.edge, self.catalog), server
-        )
+        # No maximum_concurrent_rpcs: grpc.aio makes the calls past it wait unseen, not
+        # fail; admission is the model queue's bound, which refuses at once.
+        server = grpc.aio.server(interceptors=self._interceptors(), options=self._grpc_options())
+        observer = self.dataplane.observer
+
+        def malformed(rpc: str, seconds: float) -> None:
+            observer.rpc_finished(rpc, "", "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
+
+        inference = InferenceServicer(self.dataplane, self.edge, self.catalog)
         classifier = ClassifierServicer(self.dataplane, self.edge, self.classification)
-        classifier_grpc.add_ClassifierServicer_to_server(classifier, server)
+        for service, servicer in ((OIP_DESCRIPTOR, inference), (CLASSIFIER_DESCRIPTOR, classifier)):
+            add_service(server, service, servicer, self.parse_executor, on_malformed=malformed)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (
@@ -220,7 +304,10 @@ class InferenceServer:
             server,
         )
         try:
-            self.port = server.add_insecure_port(config.grpc_address)
+            if self.credentials is None:
+                self.port = server.add_insecure_port(config.grpc_address)
+            else:
+                self.port = server.add_secure_port(config.grpc_address, self.credentials)
         except RuntimeError as error:
             raise StartupError(f"cannot listen on {config.grpc_address}: {error}") from error
         if not self.port:
@@ -267,8 +354,8 @@ class InferenceServer:
         await self.reloader.stop()
         for model in self.registry.swap([]):
             await model.wait_idle()
-        self.executor.shutdown(wait=True)
-        self.png_executor.shutdown(wait=True)
+        for executor in self.executors:
+            executor.shutdown(wait=True)
         if self.observer is not None:
             self.observer.close()
         log.info("stopped")
@@ -299,8 +386,8 @@ async def serve(config: ServerConfig) -> int:
     try:
         await server.start()
     except BaseException:
-        server.executor.shutdown(wait=False)
-        server.png_executor.shutdown(wait=False)
+        for executor in server.executors:
+            executor.shutdown(wait=False)
         if server.grpc_server is not None:
             await server.grpc_server.stop(0)
         if server.http is not None:
@@ -311,10 +398,48 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
+def refuse_busy_ports(config: ServerConfig) -> None:
+    """Raise StartupError if the gRPC, the HTTP or the metrics port cannot be bound, before
+    any model is loaded. gRPC's C-core writes its own lines to stderr (absl's "All log messages
+    before absl::InitializeLog()", chttp2_server.cc's "No address added") before
+    add_insecure_port fails, so a busy port is found here first and refused in one line.
+    The real binds stay the authority: a port taken in between is still refused."""
+    if config.grpc_port:  # 0: any free port
+        _check_bindable(config.host, config.grpc_port, f"cannot listen on {config.grpc_address}")
+    if config.http_port:
+        where = f"cannot listen on {config.host}:{config.http_port} (HTTP)"
+        _check_bindable(config.host, config.http_port, where)
+    if config.metrics_port:
+        where = f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}"
+        _check_bindable(config.metrics_host, config.metrics_port, where)
+
+
+def _check_bindable(host: str, port: int, what: str) -> None:
+    """Bind each address `host` resolves to as gRPC and prometheus_client do (SO_REUSEADDR,
+    no SO_REUSEPORT: see "grpc.so_reuseport" above); like them, one that binds is enough."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise StartupError(f"{what}: {error.strerror}") from error
+    problem = "no address"
+    for family, kind, protocol, _, address in addresses:
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                problem = error.strerror or str(error)
+            else:
+                return
+    raise StartupError(f"{what}: {problem}")
+
+
+@console_script
 def main(argv: Sequence[str] | None = None) -> int:
     config = load_config(argv)
     configure_logging(config.log_level, config.log_format)
     try:
+        refuse_busy_ports(config)
         return asyncio.run(serve(config))
     except (StartupError, DeviceUnavailable) as error:
         log.error("refusing to start: %s", error)

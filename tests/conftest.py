@@ -1,5 +1,6 @@
 """Shared fixtures: synthetic contract-conforming models, the shipped test digits, and a
-real `mnist37-serve` subprocess on a free loopback port. Plain helpers live in
+real `mnist37-serve` subprocess on free loopback ports (gRPC and HTTP: the launcher passes
+`--http-port`, so no test server binds the default 8000). Plain helpers live in
 `helpers.py`; `leakcheck.py` fails the session if a process the tests started survives it.
 
 Tests under `tests/integration` are marked `integration` (they start servers, Prometheus
@@ -7,7 +8,6 @@ or other processes); `make test-unit` runs the rest."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,8 +20,14 @@ from leakcheck import pytest_sessionfinish  # noqa: F401 (a hook: pytest finds i
 
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 from serving.idx import read_images, read_labels
-from serving.launcher import HTTP_PORT_VARIABLE, ServerProcess, start_server
-from serving.synthetic import mean_difference_model, publish_model, random_linear_model
+from serving.launcher import ServerProcess, start_server
+from serving.synthetic import (
+    linear_explanation_bytes,
+    linear_model_bytes,
+    mean_difference_weights,
+    publish_model,
+    random_linear_model,
+)
 
 INTEGRATION = REPO_ROOT / "tests" / "integration"
 
@@ -31,9 +37,6 @@ def pytest_configure(config: pytest.Config) -> None:
         "markers", "integration: starts servers or other processes (tests/integration)"
     )
     leakcheck_configure(config)
-    # Servers the tests start serve HTTP only on a port a test gives them (the launcher
-    # does): the default port, 8000, would clash between servers that run at once.
-    os.environ[HTTP_PORT_VARIABLE] = "0"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -52,11 +55,18 @@ def test_digits() -> tuple[np.ndarray, np.ndarray]:
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory, test_digits) -> Path:
-    """`mnist37` v1 (random weights) and v2 (a decent mean-difference classifier), plus
-    `other` v1."""
+    """`mnist37` v1 (random weights) and v2 (a decent mean-difference classifier, with its
+    explanation graph), plus `other` v1 (random, published without an explanation graph, as
+    every version was before Explain)."""
     repository = tmp_path_factory.mktemp("repository")
+    decent = mean_difference_weights(*test_digits)
     publish_model(repository, "mnist37", random_linear_model(seed=1))
-    publish_model(repository, "mnist37", mean_difference_model(*test_digits))
+    publish_model(
+        repository,
+        "mnist37",
+        linear_model_bytes(*decent),
+        explanation=linear_explanation_bytes(*decent),
+    )
     publish_model(repository, "other", random_linear_model(seed=2))
     return repository
 

@@ -1,6 +1,7 @@
 """Helpers the unit and integration tests share: paths, the shipped digits, request and
-PNG makers, a small HTTP client of the OIP REST API, an event-loop runner and a stand-in
-for grpc.aio's servicer context."""
+PNG makers, a small HTTP client of the OIP REST API, an event-loop runner, a stand-in for
+grpc.aio's servicer context and quickly trained real models (torch is imported only by the
+tests that train)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import contextlib
 import http.client
 import io
 import json
+import ssl
 import subprocess
 import time
 from collections.abc import Coroutine
@@ -22,6 +24,7 @@ from PIL import Image
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+TRAINING_SEED = 37
 
 T = TypeVar("T")
 
@@ -30,6 +33,27 @@ def shipped_digit_files() -> tuple[Path, Path]:
     """The shipped 3s and 7s of MNIST's test set (images, labels)."""
     data = REPO_ROOT / "training" / "data"
     return data / "t10k-images-idx3-ubyte.gz", data / "t10k-labels-idx1-ubyte.gz"
+
+
+def train_quickly(arch: str, epochs: int = 5):
+    """A real `arch` model ("linear" or "mlp"), trained for a few epochs on the shipped 3s
+    and 7s (about a second), in eval mode."""
+    from training.data import load_dataset, split_train_validation
+    from training.train import TrainConfig, fit, is_seven, new_model, reproducible, to_pixels
+
+    data = load_dataset()
+    split = split_train_validation(data.train_images, data.train_labels, 0.2, TRAINING_SEED)
+    config = TrainConfig(arch=arch, epochs=epochs, seed=TRAINING_SEED)
+    with reproducible(TRAINING_SEED):
+        model = new_model(config)
+        fit(
+            model,
+            (to_pixels(split.train_images), is_seven(split.train_labels)),
+            (to_pixels(split.validation_images), is_seven(split.validation_labels)),
+            config,
+            progress=False,
+        )
+    return model.eval()
 
 
 def infer_request(
@@ -101,10 +125,16 @@ def http_call(
     body: bytes | None = None,
     headers: dict[str, str] | None = None,
     timeout: float = 60.0,
+    tls: ssl.SSLContext | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP request on a new connection: status, headers (lower-case names), body."""
+    """One HTTP request on a new connection (HTTPS with the client context `tls`): status,
+    headers (lower-case names), body."""
     host, port = address.rsplit(":", 1)
-    connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    connection = (
+        http.client.HTTPConnection(host, int(port), timeout=timeout)
+        if tls is None
+        else http.client.HTTPSConnection(host, int(port), timeout=timeout, context=tls)
+    )
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()

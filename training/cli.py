@@ -5,27 +5,30 @@
 
 A run directory holds `checkpoint.pt`, `curves.png`, `weights.png` (linear only) and
 `metrics.json`, written last: a directory with `metrics.json` is a complete run.
-Every flag also reads an environment variable (`--epochs`: MNIST37_EPOCHS, ...).
+Every flag also reads an environment variable (`--epochs`: MNIST37_EPOCHS, ...);
+`python -m serving.config mnist37-train` prints them all.
 """
 
 from __future__ import annotations
 
-import argparse
-import os
 import platform
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from serving.atomic import write_json_atomically
+from serving.console import console_script
 from serving.contract import POSITIVE_DIGIT
 from serving.repository import DEFAULT_MODEL_NAME
+from serving.settings import load, setting
 from training.data import (
     DEFAULT_DATA_DIR,
     DataError,
@@ -34,7 +37,7 @@ from training.data import (
     load_dataset,
     split_train_validation,
 )
-from training.models import ARCHITECTURES, Linear
+from training.models import Linear
 from training.plots import plot_curves, plot_weights
 from training.train import (
     Evaluation,
@@ -170,149 +173,44 @@ def run_training(
     return metrics
 
 
-def _env(name: str, default: object) -> str | None:
-    value = os.environ.get(f"MNIST37_{name}")
-    return value if value else (None if default is None else str(default))
+@dataclass(frozen=True)
+class TrainingRun(TrainConfig):
+    """The settings of a training run with its data: `mnist37-train`'s and
+    `mnist37-retrain`'s."""
+
+    data_dir: Path | None = setting(
+        None,
+        "a directory with the four MNIST IDX files",
+        default_help="the 3s and 7s shipped in `training/data`",
+    )
+    no_progress: bool = setting(False, "no progress bars")
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+@dataclass(frozen=True)
+class TrainSettings(TrainingRun):
+    """Train the fast.ai 3-vs-7 MNIST classifier into a run directory, and publish it to a
+    model repository if asked."""
+
+    prog: ClassVar[str] = "mnist37-train"
+
+    out: Path | None = setting(None, "run directory", default_help="`runs/<arch>`")
+    repository: Path | None = setting(
+        None, "publish the trained model to this model repository (no quality gate)"
+    )
+    model_name: str = setting(DEFAULT_MODEL_NAME, "model name to publish under")
 
 
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
-    return value
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> TrainSettings:
+    return load(TrainSettings, argv, environ)
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
-    return value
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0 < value < 1:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
-    return value
-
-
-def add_training_arguments(parser: argparse.ArgumentParser) -> None:
-    """The training settings (--arch ... --data-dir), shared with `mnist37-retrain`."""
-    defaults = TrainConfig()
-    add = parser.add_argument
-    add(
-        "--arch",
-        choices=ARCHITECTURES,
-        default=_env("ARCH", defaults.arch),
-        help="linear: 784 weights + bias; mlp: 784 -> hidden -> ReLU -> 1 "
-        "[MNIST37_ARCH] (default: %(default)s)",
-    )
-    add(
-        "--hidden",
-        type=_positive_int,
-        default=_env("HIDDEN", defaults.hidden),
-        help="hidden units of the mlp [MNIST37_HIDDEN] (default: %(default)s)",
-    )
-    add(
-        "--epochs",
-        type=_positive_int,
-        default=_env("EPOCHS", defaults.epochs),
-        help="[MNIST37_EPOCHS] (default: %(default)s)",
-    )
-    add(
-        "--lr",
-        type=_positive_float,
-        default=_env("LR", defaults.lr),
-        help="SGD learning rate [MNIST37_LR] (default: %(default)s)",
-    )
-    add(
-        "--batch-size",
-        type=_positive_int,
-        default=_env("BATCH_SIZE", defaults.batch_size),
-        help="[MNIST37_BATCH_SIZE] (default: %(default)s)",
-    )
-    add(
-        "--seed",
-        type=int,
-        default=_env("SEED", defaults.seed),
-        help="seeds the split, the initial weights and the batches "
-        "[MNIST37_SEED] (default: %(default)s)",
-    )
-    add(
-        "--validation-fraction",
-        type=_fraction,
-        default=_env("VALIDATION_FRACTION", defaults.validation_fraction),
-        help="share of each digit's training images held out "
-        "[MNIST37_VALIDATION_FRACTION] (default: %(default)s)",
-    )
-    add(
-        "--max-shift",
-        type=_non_negative_int,
-        default=_env("MAX_SHIFT", defaults.max_shift),
-        help="augmentation: shift training images by up to this many pixels, 0 for none "
-        "[MNIST37_MAX_SHIFT] (default: %(default)s)",
-    )
-    add(
-        "--data-dir",
-        type=Path,
-        default=_env("DATA_DIR", None),
-        help="a directory with the four MNIST IDX files [MNIST37_DATA_DIR] "
-        "(default: the 3s and 7s shipped in training/data)",
-    )
-    add(
-        "--no-progress",
-        action="store_true",
-        default=os.environ.get("MNIST37_NO_PROGRESS", "") not in ("", "0"),
-        help="no progress bars [MNIST37_NO_PROGRESS=1]",
-    )
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mnist37-train",
-        description="Train the fast.ai 3-vs-7 MNIST classifier. "
-        "Each flag's default can be set by the environment variable in brackets.",
-    )
-    add_training_arguments(parser)
-    add = parser.add_argument
-    add(
-        "--out",
-        type=Path,
-        default=_env("OUT", None),
-        help="run directory [MNIST37_OUT] (default: runs/<arch>)",
-    )
-    add(
-        "--repository",
-        type=Path,
-        default=_env("REPOSITORY", None),
-        help="publish the trained model to this model repository [MNIST37_REPOSITORY]",
-    )
-    add(
-        "--model-name",
-        default=_env("MODEL_NAME", DEFAULT_MODEL_NAME),
-        help="name to publish under [MNIST37_MODEL_NAME] (default: %(default)s)",
-    )
-    return parser.parse_args(argv)
-
-
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(
-        arch=args.arch,
-        hidden=args.hidden,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        validation_fraction=args.validation_fraction,
-        max_shift=args.max_shift,
-    )
+def config_from_args(run: TrainConfig) -> TrainConfig:
+    """The training maths' part of a command's settings; a setting left None (decided at
+    run time, and not decided) keeps TrainConfig's default."""
+    values = {item.name: getattr(run, item.name) for item in fields(TrainConfig)}
+    return TrainConfig(**{name: value for name, value in values.items() if value is not None})
 
 
 def plural(count: int, noun: str) -> str:
@@ -340,7 +238,8 @@ def publish(run_dir: Path, repository: Path, model_name: str) -> str:
     return f"published {version.name} version {version.version} at {version.path}"
 
 
-def main(argv: list[str] | None = None) -> int:
+@console_script
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = config_from_args(args)
     out_dir = args.out if args.out is not None else Path("runs") / config.arch

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.atomic import write_bytes_atomically
+from serving.console import console_script
 from serving.contract import DIGITS
 from serving.idx import (
     IdxError,
@@ -27,6 +28,7 @@ from serving.idx import (
     parse_labels,
     read_payload,
 )
+from serving.settings import POSITIVE, parse_as
 from training.data import (
     CHECKSUM_FILE,
     DEFAULT_DATA_DIR,
@@ -168,6 +170,8 @@ def _make_default(args: argparse.Namespace) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """By hand, not `serving.settings`: subcommands, a repeatable --mirror, and variables
+    not named after their flags (download's --dest is MNIST37_DATA_DIR, training's data)."""
     parser = argparse.ArgumentParser(prog="mnist37-data", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     download = commands.add_parser("download", help="fetch and verify the canonical MNIST files")
@@ -179,7 +183,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="append",
         help=f"base URL to try, repeatable (default: {', '.join(MIRRORS)})",
     )
-    download.add_argument("--timeout", type=float, default=30.0, help="seconds per request")
+    download.add_argument(
+        "--timeout", type=parse_as(float, POSITIVE), default=30.0, help="seconds per request"
+    )
     download.set_defaults(run=_download)
     make = commands.add_parser("make-default", help="regenerate the shipped 3-vs-7 dataset")
     make.add_argument(
@@ -200,6 +206,7 @@ def _env_path(name: str) -> Path | None:
     return Path(value) if value else None
 
 
+@console_script
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:

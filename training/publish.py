@@ -1,8 +1,10 @@
 """Publish a training run into the model repository as its next version.
 
-A version is `model.onnx` (the serving graph, stamped with its metadata) and `model.json`
-(the model card). Every publish exports, runs onnx.checker's full check and the parity
-check on the exact bytes it ships; any failure leaves the repository untouched.
+A version is `model.onnx` (the serving graph, stamped with its metadata), `explanation.onnx`
+(the explanation graph, training/explain.py, stamped alike) and `model.json` (the model
+card). Every publish exports both, runs onnx.checker's full check, the parity check and
+the explanation check on the exact bytes it ships; any failure leaves the repository
+untouched.
 """
 
 from __future__ import annotations
@@ -22,13 +24,16 @@ from serving.contract import BATCH_DIMENSION, IMAGES, OUTPUTS
 from serving.repository import (
     CARD_FILE,
     DEFAULT_MODEL_NAME,
+    EXPLANATION_FILE,
     MODEL_FILE,
     Architecture,
+    ExplanationFileRecord,
     ModelCard,
     ModelFileRecord,
     ModelVersion,
     publish,
 )
+from training.explain import check_explanation, export_explanation, finalize_explanation
 from training.export import (
     OPSET_VERSION,
     ModelMetadata,
@@ -132,13 +137,15 @@ def publish_model(
     exported: onnx.ModelProto | None = None,
     before_write: Callable[[int], None] | None = None,
 ) -> ModelVersion:
-    """Export `model` once, then stamp, check, prove and write it as the next version.
+    """Export `model` and its explanation once, then stamp, check, prove and write both as
+    the next version.
 
     `exported`: `export_onnx(model)` if the caller already has it. `before_write(version)`
     runs under the repository's publish lock before anything is written; if it raises,
     nothing is published.
     """
     exported = exported if exported is not None else export_onnx(model)
+    explanation = export_explanation(model)
     serving_model = ServingModel(model).eval()
 
     def write_version(staging: Path, version: int) -> None:
@@ -147,8 +154,15 @@ def publish_model(
         metadata = record.metadata(model_name, version)
         onnx_bytes = finalize(exported, metadata)
         parity = check_parity(serving_model, onnx_bytes, test_images)
+        explanation_bytes = finalize_explanation(explanation, metadata)
+        explained = check_explanation(model, explanation_bytes, test_images)
+        # Into the same staging directory: the explanation appears with its version or not
+        # at all, so a server never loads a version half explainable.
         (staging / MODEL_FILE).write_bytes(onnx_bytes)
-        model_card(metadata, record, model, onnx_bytes, parity.as_dict()).write(staging / CARD_FILE)
+        (staging / EXPLANATION_FILE).write_bytes(explanation_bytes)
+        explanation_file = ExplanationFileRecord.of(explanation_bytes, explained.as_dict())
+        card = model_card(metadata, record, model, onnx_bytes, parity.as_dict(), explanation_file)
+        card.write(staging / CARD_FILE)
 
     return publish(repository, model_name, write_version)
 
@@ -159,6 +173,7 @@ def model_card(
     model: nn.Module,
     onnx_bytes: bytes,
     parity: Mapping[str, object],
+    explanation_file: ExplanationFileRecord | None = None,
 ) -> ModelCard:
     """The model card of a version (schema in the README)."""
     return ModelCard(
@@ -178,6 +193,7 @@ def model_card(
         },
         metrics={"test": dict(record.test_metrics)},
         model_file=ModelFileRecord.of(onnx_bytes),
+        explanation_file=explanation_file,
         onnx={
             "opset": OPSET_VERSION,
             "inputs": [IMAGES.as_json()],

@@ -3,7 +3,9 @@
     mnist37-retrain --repository DIR [--model-name NAME] [--data-dir DIR] [--arch ...]
 
 A one-shot batch job (a container command, a cron or Kubernetes Job). It trains a
-candidate into `<work-dir>/candidate/`, exports it to ONNX, and measures the candidate and
+candidate into `<work-dir>/candidate/` (with the latest published version's architecture,
+read from its model card, unless `--arch` is set; `linear` if there is none), exports it
+to ONNX, and measures the candidate and
 the latest published version of the model with onnxruntime on the same held-out images:
 the 3s and 7s of the data's official MNIST test set. The candidate is published as the
 next version only if its accuracy is at least `--min-accuracy` and at most
@@ -16,16 +18,17 @@ Exit status: 0 published, 3 rejected by the gate, 1 error, 2 usage error.
 
 from __future__ import annotations
 
-import argparse
 import json
 import signal
 import sys
 import tempfile
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 import onnx
@@ -33,6 +36,7 @@ import onnxruntime
 from torch import nn
 
 from serving.atomic import write_bytes_atomically, write_json_atomically
+from serving.console import console_script
 from serving.contract import DIGIT, IMAGES, POSITIVE_DIGIT
 from serving.repository import (
     DEFAULT_MODEL_NAME,
@@ -42,15 +46,8 @@ from serving.repository import (
     validate_model_name,
 )
 from serving.repository_cli import summarize_version
-from training.cli import (
-    CHECKPOINT_FILE,
-    _env,
-    _positive_int,
-    add_training_arguments,
-    config_from_args,
-    run_training,
-    summary,
-)
+from serving.settings import POSITIVE, Range, load, redefault, setting
+from training.cli import CHECKPOINT_FILE, TrainingRun, config_from_args, run_training, summary
 from training.data import DataError, Mnist37Data, load_dataset
 from training.export import (
     ExportError,
@@ -58,9 +55,10 @@ from training.export import (
     export_onnx,
     finalize,
 )
+from training.models import ARCHITECTURES
 from training.parity import ParityError
 from training.publish import PublishError, TrainingRecord, publish_model, read_training_record
-from training.train import load_checkpoint
+from training.train import TrainConfig, load_checkpoint
 
 EXIT_PUBLISHED = 0
 EXIT_ERROR = 1
@@ -76,6 +74,7 @@ CANDIDATE_DIR = "candidate"
 CANDIDATE_MODEL_FILE = "model.onnx"
 UNPUBLISHED_VERSION = 0  # the version stamped into a candidate's model.onnx
 REPORT_SCHEMA_VERSION = 1
+UNIT_INTERVAL = Range(at_least=0, at_most=1)
 # Accuracies are counts / images; this absorbs float rounding at the gate's boundaries.
 GATE_TOLERANCE = 1e-9
 EXPECTED_ERRORS = (
@@ -136,6 +135,23 @@ class Candidate:
     model_path: Path  # the candidate's stamped ONNX file (version 0: unpublished)
 
 
+@dataclass(frozen=True)
+class ChosenArchitecture:
+    """The candidate's architecture, and why it is that one."""
+
+    name: str
+    hidden: int
+    reason: str
+
+    def describe(self) -> str:
+        units = f" ({self.hidden} hidden units)" if self.name == "mlp" else ""
+        return f"{self.name}{units}, {self.reason}"
+
+    def as_json(self) -> dict:
+        hidden = self.hidden if self.name == "mlp" else None  # as model cards record it
+        return {"name": self.name, "hidden_units": hidden, "reason": self.reason}
+
+
 @dataclass
 class Outcome:
     """What the job decided and measured; the report and the summary line."""
@@ -145,6 +161,7 @@ class Outcome:
     work_dir: str
     gate: Gate
     decision: str = "error"
+    architecture: ChosenArchitecture | None = None
     reasons: list[str] = field(default_factory=list)
     version: int | None = None
     version_path: str | None = None
@@ -165,6 +182,8 @@ class Outcome:
             "exit_code": EXIT_CODES[self.decision],
             "model": self.model,
             "version": self.version,
+            "architecture": self.architecture.name if self.architecture else None,
+            "architecture_reason": self.architecture.reason if self.architecture else None,
             "candidate_accuracy": self.candidate.accuracy if self.candidate else None,
             "current_version": self.current_version,
             "current_accuracy": self.current.accuracy if self.current else None,
@@ -186,6 +205,7 @@ class Outcome:
             "published": {"version": self.version, "path": self.version_path},
             "candidate": {
                 "run_dir": self.candidate_dir,
+                "architecture": self.architecture.as_json() if self.architecture else None,
                 "training": self.training,
                 "gate_score": asdict(self.candidate) if self.candidate else None,
             },
@@ -198,73 +218,96 @@ class Outcome:
         }
 
 
-def _accuracy(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, not {value}")
-    return value
+@dataclass(frozen=True)
+class RetrainSettings(TrainingRun):
+    """Train a candidate, compare it with the latest published version on the held-out
+    test images, and publish it only if it passes the gate. The candidate has the latest
+    version's architecture unless --arch says otherwise. Exit status: 0 published,
+    3 rejected by the gate, 1 error, 2 usage error."""
+
+    prog: ClassVar[str] = "mnist37-retrain"
+
+    # None: decided at run time from the latest version's model card (choose_architecture).
+    arch: str | None = redefault(
+        TrainConfig, "arch", None, f"the latest version's; `{TrainConfig.arch}` without one"
+    )
+    hidden: int | None = redefault(
+        TrainConfig,
+        "hidden",
+        None,
+        f"the latest version's without `--arch`; `{TrainConfig.hidden}` otherwise",
+    )
+    repository: Path | None = setting(
+        None,
+        "the model repository; it must exist (a mistyped path must not bypass the gate)",
+        required=True,
+    )
+    model_name: str = setting(DEFAULT_MODEL_NAME, "the model to retrain")
+    train_limit: int | None = setting(
+        None,
+        "train on only the first N images of the training split: a deliberately weak "
+        "candidate, for testing the gate",
+        allowed=POSITIVE,
+        default_help="all",
+    )
+    min_accuracy: float = setting(
+        DEFAULT_MIN_ACCURACY,
+        "the candidate's least accuracy on the held-out images",
+        allowed=UNIT_INTERVAL,
+    )
+    max_regression: float = setting(
+        DEFAULT_MAX_REGRESSION,
+        "how far the candidate's accuracy may fall below the current version's "
+        "(0.005 is about 10 of 2,038 images)",
+        allowed=UNIT_INTERVAL,
+    )
+    work_dir: Path | None = setting(
+        None,
+        "new or empty directory for the candidate run and the report, outside the repository",
+        default_help="a new `<runs-dir>/retrain-<UTC time>-<random>`",
+    )
+    runs_dir: Path = setting(
+        DEFAULT_WORK_ROOT,
+        "without `--work-dir`, each run creates a new `retrain-<UTC time>-<random>` "
+        "directory in this one, outside the repository",
+    )
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="mnist37-retrain",
-        description="Train a candidate, compare it with the latest published version on the "
-        "held-out test images, and publish it only if it passes the gate. Exit status: "
-        "0 published, 3 rejected by the gate, 1 error, 2 usage error. "
-        "Each flag's default can be set by the environment variable in brackets.",
-    )
-    add = parser.add_argument
-    repository = _env("REPOSITORY", None)
-    add(
-        "--repository",
-        type=Path,
-        default=repository,
-        required=repository is None,
-        help="the model repository; it must exist [MNIST37_REPOSITORY]",
-    )
-    add(
-        "--model-name",
-        default=_env("MODEL_NAME", DEFAULT_MODEL_NAME),
-        help="the model to retrain [MNIST37_MODEL_NAME] (default: %(default)s)",
-    )
-    add_training_arguments(parser)
-    add(
-        "--train-limit",
-        type=_positive_int,
-        default=_env("TRAIN_LIMIT", None),
-        help="train on only the first N images of the training split, to get a "
-        "deliberately weak candidate [MNIST37_TRAIN_LIMIT] (default: all)",
-    )
-    add(
-        "--min-accuracy",
-        type=_accuracy,
-        default=_env("MIN_ACCURACY", DEFAULT_MIN_ACCURACY),
-        help="the candidate's least accuracy on the held-out images "
-        "[MNIST37_MIN_ACCURACY] (default: %(default)s)",
-    )
-    add(
-        "--max-regression",
-        type=_accuracy,
-        default=_env("MAX_REGRESSION", DEFAULT_MAX_REGRESSION),
-        help="how far the candidate's accuracy may fall below the current version's "
-        "[MNIST37_MAX_REGRESSION] (default: %(default)s)",
-    )
-    add(
-        "--work-dir",
-        type=Path,
-        default=_env("WORK_DIR", None),
-        help="new or empty directory for the candidate run and the report, outside the "
-        "repository [MNIST37_WORK_DIR] (default: a new <runs-dir>/retrain-<UTC time>-<random>)",
-    )
-    add(
-        "--runs-dir",
-        type=Path,
-        default=_env("RUNS_DIR", DEFAULT_WORK_ROOT),
-        help="without --work-dir, each run creates a new retrain-<UTC time>-<random> "
-        "directory in this one, outside the repository [MNIST37_RUNS_DIR] "
-        "(default: %(default)s)",
-    )
-    return parser.parse_args(argv)
+def parse_args(
+    argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None
+) -> RetrainSettings:
+    return load(RetrainSettings, argv, environ)
+
+
+def choose_architecture(args: RetrainSettings, latest: ModelVersion | None) -> ChosenArchitecture:
+    """--arch and --hidden as set; without --arch, the latest version's (from its model
+    card): a candidate is compared with the version it would replace, and a linear one is
+    rejected against an MLP. TrainConfig's defaults for what is left."""
+    hidden = args.hidden or TrainConfig.hidden
+    if args.arch is not None:
+        return ChosenArchitecture(args.arch, hidden, "set by --arch (or MNIST37_ARCH)")
+    if latest is None:
+        reason = f"the default: {args.model_name} has no published version"
+        return ChosenArchitecture(TrainConfig.arch, hidden, reason)
+    name, served_hidden = served_architecture(latest)
+    reason = f"that of {latest.name} version {latest.version}, the latest published"
+    return ChosenArchitecture(name, args.hidden or served_hidden or TrainConfig.hidden, reason)
+
+
+def served_architecture(version: ModelVersion) -> tuple[str, int | None]:
+    """The architecture name and hidden units (None for linear) on a version's card."""
+    try:
+        card = version.read_card()
+    except RepositoryError as error:
+        raise RetrainError(f"{error}: cannot tell its architecture; set --arch") from error
+    name = card.architecture_name or ""
+    if name not in ARCHITECTURES:
+        raise RetrainError(
+            f"the model card of {version.name} version {version.version} names no "
+            f"architecture this command trains ({name!r}); set --arch"
+        )
+    hidden = card.architecture.hidden_units if card.architecture is not None else None
+    return name, hidden if hidden is not None and hidden > 0 else None
 
 
 def is_inside(path: Path, directory: Path) -> bool:
@@ -272,8 +315,8 @@ def is_inside(path: Path, directory: Path) -> bool:
     return path == directory or directory in path.parents
 
 
-def usage_problem(args: argparse.Namespace) -> str | None:
-    """What is wrong with the arguments that argparse cannot see, or None."""
+def usage_problem(args: RetrainSettings) -> str | None:
+    """What is wrong with the settings that parsing them cannot see, or None."""
     try:
         validate_model_name(args.model_name)
     except RepositoryError as error:
@@ -341,7 +384,7 @@ def gate_data_description(data: Mnist37Data) -> dict:
     }
 
 
-def train_candidate(args: argparse.Namespace, run_dir: Path, model_name: str) -> Candidate:
+def train_candidate(args: RetrainSettings, run_dir: Path, model_name: str) -> Candidate:
     """Train, export and stamp the candidate (as the unpublished version 0) in `run_dir`."""
     config = config_from_args(args)
     metrics = run_training(
@@ -361,7 +404,7 @@ def candidate_metadata(record: TrainingRecord, model_name: str) -> ModelMetadata
     return record.metadata(model_name, UNPUBLISHED_VERSION)
 
 
-def training_description(args: argparse.Namespace, record: TrainingRecord) -> dict:
+def training_description(args: RetrainSettings, record: TrainingRecord) -> dict:
     return {
         "config": asdict(config_from_args(args)),
         "train_limit": args.train_limit,
@@ -413,10 +456,14 @@ def publish_candidate(
     )
 
 
-def retrain(args: argparse.Namespace, outcome: Outcome) -> None:
+def retrain(args: RetrainSettings, outcome: Outcome) -> None:
     """Train, measure, gate and publish or reject, filling in `outcome` as it goes."""
     data = load_dataset(args.data_dir)
     outcome.gate_data = gate_data_description(data)
+    architecture = choose_architecture(args, latest_version(args.repository, args.model_name))
+    outcome.architecture = architecture
+    print(f"architecture: {architecture.describe()}")
+    args = replace(args, arch=architecture.name, hidden=architecture.hidden)
     candidate = train_candidate(args, Path(outcome.work_dir) / CANDIDATE_DIR, args.model_name)
     measure_candidate(candidate, data, args, outcome)
     measure_current(args.repository, args.model_name, data, outcome)
@@ -438,7 +485,7 @@ def retrain(args: argparse.Namespace, outcome: Outcome) -> None:
 
 
 def measure_candidate(
-    candidate: Candidate, data: Mnist37Data, args: argparse.Namespace, outcome: Outcome
+    candidate: Candidate, data: Mnist37Data, args: RetrainSettings, outcome: Outcome
 ) -> None:
     outcome.candidate_dir = str(candidate.run_dir.resolve())
     outcome.training = training_description(args, candidate.record)
@@ -493,7 +540,8 @@ def stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, terminated)
 
 
-def main(argv: list[str] | None = None) -> int:
+@console_script
+def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     problem = usage_problem(args)
     if problem is not None:

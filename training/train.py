@@ -19,19 +19,35 @@ from tqdm import tqdm
 
 from serving.atomic import write_bytes_atomically
 from serving.contract import DECISION_THRESHOLD, IMAGE_SIDE, POSITIVE_DIGIT
-from training.models import build_model
+from serving.settings import NON_NEGATIVE, POSITIVE, Range, setting
+from training.models import ARCHITECTURES, build_model
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    arch: str = "linear"
-    hidden: int = 30
-    epochs: int = 80
-    lr: float = 0.5
-    batch_size: int = 256
-    seed: int = 37
-    validation_fraction: float = 0.2
-    max_shift: int = 1  # augmentation: move each training image up to this many pixels
+    """The settings of one training run. Each field is also a flag of `mnist37-train` and
+    `mnist37-retrain` (`--max-shift`, MNIST37_MAX_SHIFT): `serving.settings`."""
+
+    arch: str = setting(
+        "linear",
+        "`linear`: 784 weights + bias; `mlp`: 784 -> hidden -> ReLU -> 1",
+        choices=ARCHITECTURES,
+    )
+    hidden: int = setting(
+        30, "hidden units of the `mlp` (recorded but unused by `linear`)", allowed=POSITIVE
+    )
+    epochs: int = setting(80, "passes over the training split", allowed=POSITIVE)
+    lr: float = setting(0.5, "SGD learning rate", allowed=POSITIVE)
+    batch_size: int = setting(256, "images per SGD step", allowed=POSITIVE)
+    seed: int = setting(37, "seeds the split, the initial weights, batch order and shifts")
+    validation_fraction: float = setting(
+        0.2, "share of each digit's training images held out", allowed=Range(above=0, below=1)
+    )
+    max_shift: int = setting(
+        1,
+        "augmentation: shift each training image by up to this many pixels, 0 for none",
+        allowed=NON_NEGATIVE,
+    )
 
 
 @dataclass(frozen=True)

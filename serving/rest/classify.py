@@ -1,12 +1,17 @@
-"""`POST /v1/classify`: the domain API over HTTP, the same operation as gRPC's
-`mnist37.v1.Classifier/Classify` (`serving.classifier.Classification`: the same checks,
-PNG limits and decoding pool).
+"""`POST /v1/classify` and `POST /v1/explain`: the domain API over HTTP, the same
+operations as gRPC's `mnist37.v1.Classifier/Classify` and `/Explain`
+(`serving.classifier.Classification`: the same checks, PNG limits, decoding pool and
+decode path).
 
 The body is one PNG (`Content-Type: image/png`; `?model_name=` and `?model_version=` pick
 the model) or JSON (`application/json`):
 `{"images": [{"png": "<base64>"} | {"pixels": [784 integers 0-255]}, ...],
 "model_name"?: str, "model_version"?: str}`. The answer is ClassifyResponse as JSON:
 `{"predictions": [{"digit", "probability_seven", "model_name", "model_version"}, ...]}`.
+`/v1/explain` takes the same request and answers, per image, its pixel votes:
+`{"explanations": [{"contributions": [784 floats, row-major], "bias_term", "logit",
+"probability_seven", "digit", "model_name", "model_version"}, ...]}` (the logit is the sum
+of the contributions plus the bias term); 409 if the version has no explanation graph.
 Unknown fields are refused: this is our own API, and a misspelt field is a mistake.
 """
 
@@ -17,10 +22,12 @@ from base64 import b64decode
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from aiohttp import web
 
 from serving.classifier import Classification
 from serving.contract import PIXELS
+from serving.dataplane import ExplanationResult
 from serving.errors import InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.rest.edge import (
@@ -53,17 +60,26 @@ class ClassifyEndpoint:
         self.limits = limits
 
     def routes(self) -> list[Route]:
-        return [Route("POST", "/v1/classify", "Classify", self.classify, inference=True)]
+        return [
+            Route("POST", "/v1/classify", "Classify", self.classify, inference=True),
+            Route("POST", "/v1/explain", "Explain", self.explain, inference=True),
+        ]
 
     async def classify(self, request: web.Request, call: HttpCall) -> web.Response:
+        response = await self.classification.classify(call, await self._request(request))
+        return json_response(message_json(response))
+
+    async def explain(self, request: web.Request, call: HttpCall) -> web.Response:
+        result, _ = await self.classification.explain(call, await self._request(request))
+        return json_response(_explanations_json(result))
+
+    async def _request(self, request: web.Request) -> pb.ClassifyRequest:
+        """The body as the ClassifyRequest both endpoints take."""
         media_type = check_content_type(request, (PNG, JSON), optional=False)
         body = await read_body(request, self.limits)
         if media_type == PNG:
-            message = _png_request(bytes(body), request.query)
-        else:
-            message = self._json_request(body)
-        response = await self.classification.classify(call, message)
-        return json_response(message_json(response))
+            return _png_request(bytes(body), request.query)
+        return self._json_request(body)
 
     def _json_request(self, body: bytearray) -> pb.ClassifyRequest:
         request = expect_object(parse_json(body), "the request body")
@@ -110,3 +126,23 @@ def _pixels(values: list[Any], path: str) -> bytes:
             shown_value = value if is_integer(value) else json_type(value)
             raise InvalidInput(f"{path}.pixels: expected integers 0-255, got {shown_value}")
     return bytes(values)
+
+
+def _explanations_json(result: ExplanationResult) -> dict[str, object]:
+    """The explanations as JSON: float32 values written shortest (orjson's numpy support)."""
+    count = len(result.digit)
+    votes = np.ascontiguousarray(result.contributions, dtype=np.float32).reshape(count, PIXELS)
+    return {
+        "explanations": [
+            {
+                "contributions": votes[index],
+                "bias_term": np.float32(result.bias_term[index]),
+                "logit": np.float32(result.logit[index]),
+                "probability_seven": np.float32(result.probability[index]),
+                "digit": int(result.digit[index]),
+                "model_name": result.model_name,
+                "model_version": result.model_version,
+            }
+            for index in range(count)
+        ]
+    }

@@ -10,16 +10,15 @@ With a `TokenFile`, every endpoint but the health ones (when `open_health`) need
 from __future__ import annotations
 
 import logging
-import os
 import ssl
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
+from dataclasses import dataclass
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from serving.access import TokenFile
-from serving.config import env_var
+from serving.config import HTTP_MAX_BODY_BYTES, ServerConfig
 from serving.dataplane import DataPlane
 from serving.edge import EdgeState
 from serving.errors import MethodNotAllowed, Unauthenticated, UnknownEndpoint, shown
@@ -38,11 +37,10 @@ UNAUTHENTICATED_MESSAGE = (
 
 @dataclass(frozen=True)
 class HttpSettings:
-    """The HTTP edge's settings; ServerConfig's `http_<name>` fields once it has them."""
+    """The HTTP edge's settings: ServerConfig's `http_<name>` fields (`--http-port`, ...)."""
 
     port: int = 8000  # Triton's and KServe's HTTP port; 0 turns HTTP off
-    # 4,096 images (--max-request-images) as JSON text take at most 16 MB ("255, " a pixel).
-    max_body_bytes: int = 32 * 1024 * 1024
+    max_body_bytes: int = HTTP_MAX_BODY_BYTES  # see serving.config
     body_timeout: float = 30.0  # seconds for a whole body to arrive, against slow clients
 
     @property
@@ -50,19 +48,9 @@ class HttpSettings:
         return BodyLimits(self.max_body_bytes, self.body_timeout)
 
     @classmethod
-    def from_config(cls, config: object, environ: Mapping[str, str] = os.environ) -> HttpSettings:
-        """From `config`'s `http_<name>` attributes where it has them; until ServerConfig
-        does, from their variables (`MNIST37_HTTP_PORT`, ...), else the defaults. A bad
-        value is a ValueError naming its variable."""
-        values: dict[str, object] = {}
-        for field in fields(cls):
-            name = f"http_{field.name}"
-            value = getattr(config, name, None)
-            if value is None and env_var(name) in environ:
-                value = _parse(env_var(name), environ[env_var(name)], type(field.default))
-            if value is not None:
-                values[field.name] = value
-        settings = cls(**values)
+    def from_config(cls, config: ServerConfig) -> HttpSettings:
+        """`config`'s `http_<name>` fields; ValueError if one is out of range."""
+        settings = cls(config.http_port, config.http_max_body_bytes, config.http_body_timeout)
         settings.check()
         return settings
 
@@ -71,16 +59,6 @@ class HttpSettings:
             raise ValueError(f"the HTTP port {self.port} is not 0-65535")
         if self.max_body_bytes <= 0 or self.body_timeout <= 0:
             raise ValueError("the HTTP body limit and timeout must be positive")
-
-
-HTTP_VARIABLES = tuple(env_var(f"http_{field.name}") for field in fields(HttpSettings))
-
-
-def _parse(variable: str, text: str, kind: type) -> object:
-    try:
-        return kind(text)
-    except ValueError:
-        raise ValueError(f"{variable}={text!r}: not a {kind.__name__}") from None
 
 
 class HttpServer:

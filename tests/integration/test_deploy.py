@@ -48,7 +48,6 @@ from helpers import REPO_ROOT
 
 from serving.config import ServerConfig, build_parser, env_var, load_config
 from serving.healthcheck import LIVENESS_SERVICE
-from serving.rest.server import HTTP_VARIABLES, HttpSettings
 
 ROOT = REPO_ROOT
 DEPLOY = ROOT / "deploy"
@@ -60,8 +59,8 @@ DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
 CRD_KINDS = {"ServiceMonitor", "InferenceService"}
 NOT_A_RESOURCE = {"kustomization.yaml"}
-# The HTTP settings' variables until ServerConfig has their fields (serving.rest.server).
-SERVER_VARIABLES = {env_var(field.name) for field in fields(ServerConfig)} | set(HTTP_VARIABLES)
+# Every variable mnist37-serve reads: one per ServerConfig field (HTTP's too).
+SERVER_VARIABLES = {env_var(field.name) for field in fields(ServerConfig)}
 # Where kubernetes-validate's schemas keep Kubernetes' object definitions.
 DEFINITIONS = "/api/_definitions.json#/$defs"
 
@@ -207,10 +206,9 @@ def test_compose_server_matches_the_servers_flags_ports_and_shutdown() -> None:
     build_parser().parse_args(command[1:])  # exits (SystemExit) on an unknown flag
     config = load_config(command[1:], environment)
     assert config.repository == Path(MODELS_MOUNT)
-    http_port = HttpSettings.from_config(config, environment).port
     published = {tuple(map(int, port.split(":"))) for port in server["ports"]}
     assert published == {
-        (8000, http_port),
+        (8000, config.http_port),
         (config.grpc_port, config.grpc_port),
         (8002, config.metrics_port),
     }
@@ -339,8 +337,7 @@ def test_serving_images_follow_the_rules(dockerfile: Path, extra: str) -> None:
     variables = dict(re.findall(r"(MNIST37_[A-Z_]+)=(\S+)", env))
     assert set(variables) <= SERVER_VARIABLES
     config = load_config([], variables)
-    assert (config.grpc_port, config.metrics_port) == (8001, 8002)
-    assert HttpSettings.from_config(config, variables).port == 8000
+    assert (config.http_port, config.grpc_port, config.metrics_port) == (8000, 8001, 8002)
     assert config.repository == Path(MODELS_MOUNT)
     # The runtime stage holds no compiler and installs nothing itself.
     assert not instruction(serve, "RUN"), "the runtime stage should only copy the venv"
@@ -541,8 +538,11 @@ def test_deployment_probes_ports_and_shutdown_match_the_server() -> None:
     assert container["command"][0] == "mnist37-serve"
     config = load_config(container["command"][1:], env)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    http_port = HttpSettings.from_config(config, env).port
-    assert ports == {"http": http_port, "grpc": config.grpc_port, "metrics": config.metrics_port}
+    assert ports == {
+        "http": config.http_port,
+        "grpc": config.grpc_port,
+        "metrics": config.metrics_port,
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == config.grpc_port, probe
     # Ready: a model is loaded (the overall service ""). Live (and started): the process

@@ -118,6 +118,7 @@ def test_nobody_listening_exits_1() -> None:
     result = run("--address", f"127.0.0.1:{port}", "--timeout", "2")
     assert result.returncode == 1
     assert one_line(result).startswith(f"127.0.0.1:{port}: UNAVAILABLE")
+    assert result.stderr == ""  # no gRPC C-core lines
 
 
 class _SlowHealth(health_pb2_grpc.HealthServicer):

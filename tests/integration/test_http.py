@@ -34,7 +34,10 @@ from serving.generated.mnist37.v1 import classifier_pb2, classifier_pb2_grpc
 from serving.launcher import ServerProcess, start_server
 from serving.rest.messages import message_json
 
-BODY_LIMIT = 8 * 1024 * 1024  # room for the 2,038 shipped digits as JSON (about 6 MB)
+# The 2,038 shipped digits in one request: more images than the default 1,024, and about
+# 6 MB as JSON (the default body limit, 8 MiB, set here all the same).
+MAX_IMAGES = 4096
+BODY_LIMIT = 8 * 1024 * 1024
 BODY_TIMEOUT = 1.0
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.png"))
 INFER = "/v2/models/mnist37/infer"
@@ -45,10 +48,12 @@ def http_server(model_repository, tmp_path_factory) -> Iterator[ServerProcess]:
     running = start_server(
         model_repository,
         tmp_path_factory.mktemp("logs"),
-        environment={
-            "MNIST37_HTTP_MAX_BODY_BYTES": str(BODY_LIMIT),
-            "MNIST37_HTTP_BODY_TIMEOUT": str(BODY_TIMEOUT),
-        },
+        "--max-request-images",
+        str(MAX_IMAGES),
+        "--http-max-body-bytes",
+        str(BODY_LIMIT),
+        "--http-body-timeout",
+        str(BODY_TIMEOUT),
     )
     try:
         yield running
@@ -116,7 +121,7 @@ def test_curl_metadata_config_statistics_and_index_state_the_grpc_facts(http_ser
     model = json.loads(curl(http_server, "/v2/models/mnist37")[2])
     assert model["inputs"] == [{"name": "images", "datatype": "UINT8", "shape": [-1, 28, 28]}]
     config = json.loads(curl(http_server, "/v2/models/mnist37/config")[2])
-    assert config["max_batch_size"] == 4096  # a JSON number, as perf_analyzer reads it
+    assert config["max_batch_size"] == MAX_IMAGES  # a JSON number, as perf_analyzer reads it
     stats = json.loads(curl(http_server, "/v2/models/mnist37/stats")[2])["model_stats"][0]
     assert isinstance(stats["inference_stats"]["success"]["count"], int)
 
@@ -335,7 +340,7 @@ BAD_REQUESTS = [
         _json(_tensor_request(shape=[5000, 28, 28])),
         JSON_TYPE,
         400,
-        "5000 images exceed the limit of 4096 per request (--max-request-images)",
+        f"5000 images exceed the limit of {MAX_IMAGES} per request (--max-request-images)",
     ),
     (
         "classification asked",
@@ -348,7 +353,7 @@ BAD_REQUESTS = [
         ),
         JSON_TYPE,
         400,
-        "outputs[0].parameters: classification is not supported",
+        "outputs[0].parameters: 'classification' is not supported",
     ),
     (
         "binary_data not a flag",
@@ -650,6 +655,68 @@ def test_base64_pngs_classify_like_grpc_pngs(http_server, stubs):
     )
     assert status == 200
     assert json.loads(answer) == message_json(grpc_answer)
+
+
+def test_explain_over_http_answers_what_grpc_explain_does(http_server, stubs, test_digits):
+    """`/v1/explain` shares Classify's request and decoding (PNGs as base64, pixels, one
+    PNG body) and answers gRPC Explain's numbers, the votes as 784 JSON floats."""
+    _, classifier = stubs
+    pngs = [example.read_bytes() for example in EXAMPLES]
+    pixels = test_digits[0][:3]
+    request = classifier_pb2.ClassifyRequest(
+        images=[classifier_pb2.Image(png=data) for data in pngs]
+        + [classifier_pb2.Image(pixels=image.tobytes()) for image in pixels]
+    )
+    expected = classifier.Explain(request).explanations
+    body = {
+        "images": [{"png": base64.b64encode(data).decode()} for data in pngs]
+        + [{"pixels": image.reshape(-1).tolist()} for image in pixels]
+    }
+    status, _, answer = http_call(
+        http_server.http_address, "POST", "/v1/explain", _json(body), JSON_TYPE
+    )
+    assert status == 200, answer
+    explanations = json.loads(answer)["explanations"]
+    assert len(explanations) == len(expected) == len(pngs) + len(pixels)
+    for got, want in zip(explanations, expected, strict=True):
+        assert set(got) == {
+            "contributions",
+            "bias_term",
+            "logit",
+            "probability_seven",
+            "digit",
+            "model_name",
+            "model_version",
+        }
+        votes = np.array(got["contributions"], np.float32)
+        np.testing.assert_array_equal(votes, np.frombuffer(want.contributions, "<f4"))
+        for name in ("bias_term", "logit", "probability_seven"):
+            assert np.float32(got[name]) == np.float32(getattr(want, name)), name
+        assert (got["digit"], got["model_name"], got["model_version"]) == (
+            want.digit,
+            "mnist37",
+            "2",
+        )
+        assert abs(float(votes.astype(np.float64).sum()) + got["bias_term"] - got["logit"]) < 1e-4
+    # One PNG as the body, like /v1/classify.
+    status, _, answer = http_call(
+        http_server.http_address,
+        "POST",
+        "/v1/explain?model_version=2",
+        pngs[0],
+        {"Content-Type": "image/png"},
+    )
+    assert status == 200
+    assert json.loads(answer)["explanations"][0]["digit"] == expected[0].digit
+    # A version without an explanation graph: 409 (gRPC's FAILED_PRECONDITION).
+    refused = {**body, "model_name": "other"}
+    status, _, answer = http_call(
+        http_server.http_address, "POST", "/v1/explain", _json(refused), JSON_TYPE
+    )
+    assert status == 409
+    assert "without an explanation graph" in json.loads(answer)["error"]
+    status, headers, _ = http_call(http_server.http_address, "GET", "/v1/explain")
+    assert status == 405 and headers["allow"] == "POST"
 
 
 def test_a_log_line_names_the_http_status(http_server):

@@ -15,8 +15,8 @@ import pytest
 from helpers import make_certificates, rest_infer_body
 
 from serving.access import TokenFile
-from serving.config import ServerConfig
-from serving.launcher import HTTP_PORT_VARIABLE, free_port
+from serving.config import HTTP_MAX_BODY_BYTES, ServerConfig, load_config
+from serving.launcher import free_port
 from serving.rest.server import HttpServer, HttpSettings
 from serving.server import InferenceServer
 
@@ -25,18 +25,18 @@ ONE_IMAGE = np.zeros((1, 28, 28), np.uint8)
 
 
 @pytest.fixture
-def http_port(monkeypatch) -> int:
-    port = free_port()
-    monkeypatch.setenv(HTTP_PORT_VARIABLE, str(port))
-    return port
+def http_port() -> int:
+    return free_port()
 
 
 @asynccontextmanager
-async def running_server(repository: Path) -> AsyncIterator[InferenceServer]:
+async def running_server(repository: Path, http_port: int = 0) -> AsyncIterator[InferenceServer]:
+    """The server in this process; HTTP on `http_port`, off with 0."""
     config = ServerConfig(
         repository=repository,
         host="127.0.0.1",
         grpc_port=0,
+        http_port=http_port,
         metrics_port=free_port(),
         poll_interval=0.0,
         drain_quiet_period=0.0,
@@ -61,7 +61,7 @@ def run(scenario) -> None:
 def test_http_requests_are_observed_like_rpcs_with_bounded_labels(model_repository, http_port):
     async def scenario() -> None:
         async with (
-            running_server(model_repository) as server,
+            running_server(model_repository, http_port) as server,
             aiohttp.ClientSession(f"http://127.0.0.1:{http_port}") as client,
         ):
             body, headers = rest_infer_body(ONE_IMAGE)
@@ -115,7 +115,7 @@ def test_a_request_in_flight_over_http_holds_the_drain_and_late_ones_get_503(
 ):
     async def scenario() -> None:
         async with (
-            running_server(model_repository) as server,
+            running_server(model_repository, http_port) as server,
             aiohttp.ClientSession(f"http://127.0.0.1:{http_port}") as client,
         ):
             body, headers = rest_infer_body(ONE_IMAGE)
@@ -145,7 +145,7 @@ def test_once_the_drain_stops_accepting_http_inference_is_refused_with_503(
 ):
     async def scenario() -> None:
         async with (
-            running_server(model_repository) as server,
+            running_server(model_repository, http_port) as server,
             aiohttp.ClientSession(f"http://127.0.0.1:{http_port}") as client,
         ):
             server.edge.accepting = False  # where the drain is once in-flight requests ended
@@ -238,17 +238,17 @@ def test_tls_serves_https_with_the_given_context(model_repository, tmp_path):
     run(scenario)
 
 
-def test_http_settings_come_from_config_then_variables_then_defaults():
-    class WithFields:
-        http_port = 9000
-        http_body_timeout = 2.5
-
-    assert HttpSettings.from_config(object(), {}) == HttpSettings()
-    assert HttpSettings.from_config(WithFields(), {"MNIST37_HTTP_PORT": "1"}) == HttpSettings(
-        port=9000, body_timeout=2.5
+def test_http_settings_are_the_server_configs_http_flags():
+    assert HttpSettings.from_config(ServerConfig()) == HttpSettings()
+    assert HttpSettings() == HttpSettings(8000, HTTP_MAX_BODY_BYTES, 30.0)
+    config = load_config(
+        ["--http-port", "9000", "--http-max-body-bytes", "1024"],
+        {"MNIST37_HTTP_BODY_TIMEOUT": "2.5"},
     )
-    variables = {"MNIST37_HTTP_PORT": "0", "MNIST37_HTTP_MAX_BODY_BYTES": "1024"}
-    assert HttpSettings.from_config(object(), variables) == HttpSettings(0, 1024)
-    for bad in ({"MNIST37_HTTP_PORT": "http"}, {"MNIST37_HTTP_PORT": "70000"}):
-        with pytest.raises(ValueError, match=r"MNIST37_HTTP_PORT='http'|70000"):
-            HttpSettings.from_config(object(), bad)
+    assert HttpSettings.from_config(config) == HttpSettings(9000, 1024, 2.5)
+    assert HttpSettings.from_config(load_config(["--http-port", "0"], {})).port == 0
+    with pytest.raises(ValueError, match="70000"):
+        HttpSettings.from_config(ServerConfig(http_port=70000))
+    for flags in (["--http-port", "-1"], ["--http-max-body-bytes", "0"]):
+        with pytest.raises(SystemExit):
+            load_config(flags, {})

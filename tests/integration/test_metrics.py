@@ -43,6 +43,7 @@ async def running_server(repository: Path, **settings: object) -> AsyncIterator[
         repository=repository,
         host="127.0.0.1",
         grpc_port=0,
+        http_port=0,
         metrics_port=free_port(),
         poll_interval=0.0,
         drain_quiet_period=0.0,
@@ -149,6 +150,45 @@ def test_a_successful_inference_moves_every_metric(model_repository, test_digits
             assert 'mnist37_requests_total{code="OK",model="mnist37",rpc="ModelInfer",' in (
                 exposition
             )
+
+    run(scenario)
+
+
+def test_an_explain_counts_like_a_classify_and_a_refusal_as_a_failure(
+    model_repository, test_digits, offline
+):
+    """Explained images are classified images (digits, P(7)), the explanation graph's calls
+    are the version's batches and executions, and an Explain of a version published without
+    an explanation graph is a FAILED_PRECONDITION that counts as a failed request."""
+    images = test_digits[0][:10]
+    _, digit = offline.predict(images)
+
+    async def scenario() -> None:
+        async with running_server(model_repository) as server, stubs(server) as (_, classify):
+            request = classifier_pb2.ClassifyRequest(
+                images=[classifier_pb2.Image(pixels=image.tobytes()) for image in images]
+            )
+            await classify.Explain(request)
+            ok = {"rpc": "Explain", "model": "mnist37", "version": "2", "code": "OK"}
+            assert value(server, "mnist37_requests_total", **ok) == 1
+            version = {"model": "mnist37", "version": "2"}
+            for number in (3, 7):
+                expected = int((digit == number).sum())
+                assert value(server, "mnist37_images_total", digit=str(number), **version) == (
+                    expected
+                )
+            assert value(server, "mnist37_probability_count", **version) == 10
+            assert value(server, "mnist37_batch_size_sum", model="mnist37") == 10
+            stats = server.registry.resolve("mnist37").stats
+            assert (stats.success.count, stats.inference_count, stats.fail.count) == (1, 10, 0)
+
+            request.model_name = "other"
+            call = classify.Explain(request)
+            assert await status_of(call) == grpc.StatusCode.FAILED_PRECONDITION
+            refused = {"rpc": "Explain", "model": "other", "version": "1"}
+            assert value(server, "mnist37_requests_total", **refused, code="FAILED_PRECONDITION")
+            assert server.registry.resolve("other").stats.fail.count == 1
+            assert value(server, "mnist37_inflight_requests") == 0
 
     run(scenario)
 

@@ -16,7 +16,7 @@ import urllib.request
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import grpc
@@ -38,10 +38,17 @@ from serving.generated.mnist37.v1 import classifier_pb2
 from serving.launcher import free_port, start_server
 from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
-from serving.repository import MODEL_FILE, ModelVersion
+from serving.repository import CARD_FILE, MODEL_FILE, ModelCard, ModelFileRecord, ModelVersion
 from serving.runtime import RuntimeOptions
 from serving.server import InferenceServer
-from serving.synthetic import mean_difference_model, publish_model, random_linear_model
+from serving.synthetic import (
+    linear_explanation_bytes,
+    linear_model_bytes,
+    mean_difference_model,
+    publish_model,
+    random_linear_model,
+    random_linear_weights,
+)
 
 MODEL = "mnist37"
 GARBAGE = b"this is not an ONNX model"
@@ -201,6 +208,7 @@ def test_model_config_reports_keep_versions_as_the_version_policy(model_reposito
         repository=model_repository,
         host="127.0.0.1",
         grpc_port=0,
+        http_port=0,
         metrics_port=0,
         poll_interval=0.0,
         drain_quiet_period=0.0,
@@ -288,18 +296,54 @@ def test_a_broken_version_is_skipped_and_retried_only_when_its_files_change(make
         assert len(harness.loads) == attempts, "unchanged broken versions are not retried"
         assert harness.observer.failed == [MODEL, MODEL]
 
-        # Fixing version 2's file (a new inode, size and mtime) makes it a candidate again.
+        # Replacing only version 2's file changes its fingerprint, so it is tried again, but
+        # its card still describes the broken bytes: refused as not what was published.
+        good = random_linear_model(seed=2)
         fixed = corrupt.path / "fixed.tmp"
-        fixed.write_bytes(random_linear_model(seed=2))
+        fixed.write_bytes(good)
         os.replace(fixed, corrupt.model_path)
+        await harness.reloader.reload()
+        assert harness.served() == [1]
+        assert "differs from the card's" in harness.registry.load_failures[(MODEL, 2)]
+        assert str(harness.repository) not in harness.registry.load_failures[(MODEL, 2)]
+        # Fixing the card too (a republished version, as a person would) lets it load.
+        card = corrupt.read_card()
+        replace(card, model_file=ModelFileRecord.of(good)).write(corrupt.card_path)
         await harness.reloader.reload()
         assert harness.served() == [2]
         assert set(harness.registry.load_failures) == {(MODEL, 3)}
-        assert harness.loads[attempts:] == [(MODEL, 2)]
+        assert harness.loads[attempts:] == [(MODEL, 2), (MODEL, 2)]
 
     run(scenario())
     assert changes, "health was told about the changes"
     assert changes[-1] is True
+
+
+def test_a_version_with_a_broken_explanation_graph_waits_for_it_to_be_fixed(make_harness):
+    harness = make_harness()
+    harness.publish(random_linear_model(seed=1))
+    weights = random_linear_weights(seed=2)
+    explanation = linear_explanation_bytes(*weights)
+    broken = publish_model(
+        harness.repository, MODEL, linear_model_bytes(*weights), explanation=explanation[:50]
+    )
+
+    async def scenario():
+        await harness.reloader.reload()
+        assert harness.served() == [1], "a version loads with its explanation graph or not"
+        assert "explanation.onnx" in harness.registry.load_failures[(MODEL, 2)]
+        attempts = len(harness.loads)
+        await harness.reloader.reload()
+        assert len(harness.loads) == attempts
+        # The explanation graph is part of the version's fingerprint: fixing it retries.
+        fixed = broken.path / "fixed.tmp"
+        fixed.write_bytes(explanation)
+        os.replace(fixed, broken.explanation_path)
+        await harness.reloader.reload()
+        assert harness.served() == [2]
+        assert harness.registry.resolve(MODEL).explanation is not None
+
+    run(scenario())
 
 
 async def _record(changes: list[bool], harness: Harness) -> None:
@@ -398,6 +442,12 @@ def test_odd_entries_and_a_missing_repository_never_stop_serving(make_harness):
         assert harness.served() == [1], "a vanished repository keeps what was loaded"
         moved.rename(harness.repository)
         (model_dir / "7" / MODEL_FILE).write_bytes(random_linear_model(seed=7))
+        await harness.reloader.reload()
+        assert harness.served() == [1], "a model.onnx without a card is not served"
+        model = (model_dir / "7" / MODEL_FILE).read_bytes()
+        ModelCard(version=7, model_file=ModelFileRecord.of(model)).write(
+            model_dir / "7" / CARD_FILE
+        )
         await harness.reloader.reload()
         assert harness.served() == [7]
 

@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from serving.repository import list_versions
+from serving.repository import Architecture, latest_version, list_versions
+from serving.synthetic import publish_model, random_linear_model
+from training.cli import main as train_main
 from training.data import load_dataset
 from training.export import export_onnx, read_metadata
 from training.publish import read_training_record
@@ -26,8 +28,10 @@ from training.retrain import (
     EXIT_USAGE,
     REPORT_FILE,
     Candidate,
+    ChosenArchitecture,
     Gate,
     RetrainError,
+    choose_architecture,
     main,
     make_work_dir,
     parse_args,
@@ -134,6 +138,63 @@ def test_a_candidate_can_fail_both_rules_at_once() -> None:
     assert len(reasons) == 2
 
 
+# --- the architecture --------------------------------------------------------------------
+
+
+def test_without_arch_the_candidate_has_the_latest_versions_architecture(tmp_path) -> None:
+    def chosen(*flags: str, environ: dict[str, str] | None = None) -> ChosenArchitecture:
+        args = parse_args(["--repository", str(tmp_path), *flags], environ or {})
+        return choose_architecture(args, latest_version(tmp_path, "mnist37"))
+
+    assert chosen() == ChosenArchitecture(
+        "linear", 30, "the default: mnist37 has no published version"
+    )
+    publish_model(tmp_path, "mnist37", random_linear_model())
+    assert chosen().name == "linear"
+    publish_model(tmp_path, "mnist37", random_linear_model(), architecture=Architecture("mlp", 16))
+    assert chosen() == ChosenArchitecture(
+        "mlp", 16, "that of mnist37 version 2, the latest published"
+    )
+    assert chosen("--hidden", "8").hidden == 8
+    explicit = ChosenArchitecture("linear", 30, "set by --arch (or MNIST37_ARCH)")
+    assert chosen("--arch", "linear") == explicit
+    assert chosen(environ={"MNIST37_ARCH": "linear"}) == explicit
+    assert chosen("--arch", "mlp").hidden == 30  # the served units follow only without --arch
+
+
+def test_an_unreadable_architecture_is_an_error_that_says_to_set_arch(tmp_path) -> None:
+    publish_model(tmp_path, "mnist37", random_linear_model(), architecture=Architecture("resnet"))
+    args = parse_args(["--repository", str(tmp_path)], {})
+    with pytest.raises(RetrainError, match=r"names no architecture.*'resnet'.*set --arch"):
+        choose_architecture(args, latest_version(tmp_path, "mnist37"))
+    (latest_version(tmp_path, "mnist37").path / "model.json").write_text("{")
+    with pytest.raises(RetrainError, match=r"cannot read model card .*set --arch"):
+        choose_architecture(args, latest_version(tmp_path, "mnist37"))
+
+
+def test_after_linear_then_mlp_a_retrain_trains_the_served_mlp(first, tmp_path) -> None:
+    """`make demo` publishes linear v1, then mlp v2: a plain retrain must retrain the MLP
+    (here with 16 hidden units, read from its card), not a linear candidate that the gate
+    rejects against it."""
+    repository = tmp_path / "repository"
+    shutil.copytree(first[0], repository)
+    mlp = ["--arch", "mlp", "--hidden", "16", *GOOD, "--out", str(tmp_path / "mlp")]
+    assert train_main([*mlp, "--repository", str(repository), "--no-progress"]) == 0
+
+    result = retrain(repository, tmp_path / "again", *GOOD)
+
+    assert result.returncode == EXIT_PUBLISHED, result.stdout + result.stderr
+    summary = result.summary
+    assert summary["architecture"] == "mlp"
+    assert summary["architecture_reason"] == "that of mnist37 version 2, the latest published"
+    assert (summary["version"], summary["current_version"]) == (3, 2)
+    assert summary["candidate_accuracy"] == summary["current_accuracy"]  # the same MLP again
+    assert "architecture: mlp (16 hidden units), that of mnist37 version 2" in result.stdout
+    candidate = read_report(tmp_path / "again")["candidate"]
+    assert candidate["architecture"]["hidden_units"] == 16
+    assert candidate["training"]["config"]["arch"] == "mlp"
+
+
 # --- the console script ------------------------------------------------------------------
 
 
@@ -149,6 +210,9 @@ def test_first_candidate_is_published_as_version_1(first) -> None:
     assert summary["report"] == str((work_dir / REPORT_FILE).resolve())
     (published,) = list_versions(repository, "mnist37")
     assert published.version == 1
+    # published through training.publish: the explanation graph too, checked
+    assert published.explanation_path.is_file()
+    assert published.read_card().explanation_file.check["digit_mismatches"] == 0
     report = read_report(work_dir)
     assert report["decision"] == "published" and report["published"]["version"] == 1
     assert report["candidate"]["gate_score"]["count"] == 2038

@@ -269,11 +269,11 @@ def test_a_full_queue_refuses_at_once_and_admits_again_once_it_drains(executor):
         await asyncio.sleep(0.01)  # the first batch runs (held by the gate): not queued
         queued = [asyncio.ensure_future(batcher.infer(tagged(10, 3)))]
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded, match="3 images in 1 requests waiting"):
+        with pytest.raises(Overloaded, match="3 images in 1 entries waiting"):
             await batcher.infer(tagged(20, 4))  # 3 + 4 images > 6
         queued.append(asyncio.ensure_future(batcher.infer(tagged(30, 2))))
         await asyncio.sleep(0)
-        with pytest.raises(Overloaded, match="at most 6 images and 3 requests"):
+        with pytest.raises(Overloaded, match="at most 6 images and 3 entries"):
             await batcher.infer(tagged(40, 5))  # split into 2 chunks: 2 + 2 > 3 requests
         queued.append(asyncio.ensure_future(batcher.infer(tagged(50, 1))))
         await asyncio.sleep(0)
@@ -288,3 +288,30 @@ def test_a_full_queue_refuses_at_once_and_admits_again_once_it_drains(executor):
     answers, alone = run(scenario())
     assert [digit.tolist() for _, digit in answers] == [[0, 1, 2, 3], [10, 11, 12], [30, 31], [50]]
     assert alone[1].tolist() == list(range(70, 79))
+
+
+def test_any_number_of_outputs_is_batched_split_and_delivered_row_for_row(executor):
+    """The explanation graph gives five arrays, one of them [N, 28, 28]: each caller still
+    gets exactly its rows of each, a split request its chunks joined."""
+
+    def explain(images: np.ndarray) -> tuple[np.ndarray, ...]:
+        probability, ids = RecordingModel()(images)
+        votes = images.astype(np.float32)
+        return votes, -probability, ids.astype(np.float32), probability, ids
+
+    async def scenario():
+        batcher = DynamicBatcher(explain, executor, max_batch_size=8)
+        requests = [tagged(100 * index, count) for index, count in enumerate((1, 3, 20))]
+        return requests, await asyncio.gather(*(batcher.infer(images) for images in requests))
+
+    requests, results = run(scenario())
+    for images, (votes, negated, as_float, probability, ids) in zip(requests, results, strict=True):
+        expected_ids = tagged_ids(images)
+        np.testing.assert_array_equal(votes, images.astype(np.float32))
+        np.testing.assert_array_equal(ids, expected_ids)
+        np.testing.assert_array_equal(as_float, expected_ids.astype(np.float32))
+        np.testing.assert_array_equal(negated, -probability)
+
+
+def tagged_ids(images: np.ndarray) -> np.ndarray:
+    return images[:, 0, :3].astype(np.int64) @ np.array([1, 256, 65536])

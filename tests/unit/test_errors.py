@@ -10,6 +10,7 @@ from serving.errors import (
     InvalidInput,
     MethodNotAllowed,
     ModelNotFound,
+    NotExplainable,
     Overloaded,
     RequestTooLarge,
     ServerNotReady,
@@ -28,6 +29,11 @@ def test_long_strings_are_cut_and_their_length_named():
     assert text.startswith("'nnn") and text.endswith("... (3000000 characters)")
 
 
+def test_unprintable_characters_cannot_multiply_the_length():
+    text = shown("\U0002ebe1" * 100)
+    assert len(text) < MAX_ECHOED_CHARACTERS + 40
+
+
 def _subclasses(kind: type) -> list[type]:
     return [sub for direct in kind.__subclasses__() for sub in (direct, *_subclasses(direct))]
 
@@ -42,5 +48,6 @@ def test_every_error_type_has_one_status_for_both_protocols():
     assert status_of(RequestTooLarge("big")) == Status(code.RESOURCE_EXHAUSTED, 413)
     assert status_of(InvalidInput("bad")) == Status(code.INVALID_ARGUMENT, 400)
     assert status_of(ModelNotFound("who")) == Status(code.NOT_FOUND, 404)
+    assert status_of(NotExplainable("no graph")) == Status(code.FAILED_PRECONDITION, 409)
     assert status_of(ServerNotReady("stopping")) == Status(code.UNAVAILABLE, 503)
     assert status_of(ServingError("?")) is INTERNAL

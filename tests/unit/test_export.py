@@ -1,4 +1,5 @@
-"""The ONNX serving graph: contract, dynamic batch, parity, metadata, checks, publishing."""
+"""The ONNX serving graph: contract, dynamic batch, parity, metadata, checks, publishing
+(with the explanation graph)."""
 
 from __future__ import annotations
 
@@ -18,12 +19,16 @@ from helpers import REPO_ROOT
 from serving.contract import BATCH_DIMENSION
 from serving.repository import (
     CARD_FILE,
+    EXPLANATION_FILE,
     MODEL_FILE,
     Architecture,
+    ExplanationFileRecord,
     ModelFileRecord,
     list_versions,
 )
+from serving.runtime import ExplanationRuntime
 from training.data import load_dataset
+from training.explain import ExplanationError
 from training.export import (
     OPSET_VERSION,
     ExportError,
@@ -236,6 +241,21 @@ def test_an_export_that_fails_the_checker_publishes_nothing(
     assert [p.name for p in (tmp_path / "mnist37").iterdir() if not p.name.startswith(".")] == []
 
 
+def test_an_explanation_that_fails_its_check_publishes_nothing(
+    linear_model, data, tmp_path, monkeypatch
+):
+    def failing(model, graph_bytes, images):
+        raise ExplanationError("the explanation graph does not explain the model: test set")
+
+    monkeypatch.setattr("training.publish.check_explanation", failing)
+    record = TrainingRecord("linear", None, 37, CREATED_AT, {}, {"accuracy": 0.9})
+    with pytest.raises(ExplanationError, match="does not explain the model"):
+        publish_model(linear_model, record, data.test_images, tmp_path)
+    assert list_versions(tmp_path, "mnist37") == []
+    assert [p.name for p in (tmp_path / "mnist37").iterdir() if not p.name.startswith(".")] == []
+    assert not list((tmp_path / "mnist37").glob(".staging-*"))
+
+
 @pytest.fixture
 def run_dir(tmp_path, linear_model, data) -> Path:
     run = tmp_path / "run"
@@ -260,7 +280,7 @@ def test_publish_run_publishes_a_complete_self_describing_version(run_dir, tmp_p
     second = publish_run(run_dir, repository, "mnist37")
     other = publish_run(run_dir, repository, "candidate")
     assert (first.version, second.version, other.version) == (1, 2, 1)
-    assert sorted(p.name for p in first.path.iterdir()) == [CARD_FILE, MODEL_FILE]
+    assert sorted(p.name for p in first.path.iterdir()) == [EXPLANATION_FILE, CARD_FILE, MODEL_FILE]
 
     onnx_bytes = first.model_path.read_bytes()
     card = first.read_card()
@@ -276,10 +296,21 @@ def test_publish_run_publishes_a_complete_self_describing_version(run_dir, tmp_p
     assert card.parity["digit_mismatches"] == 0
     assert card.parity["images_compared"] == len(data.test_images) + 1008
     assert card.onnx["metadata"] == read_metadata(onnx_bytes)
-    # The file keeps the schema it has always had: every key, none added.
+    # The explanation graph, stamped like the model and checked on the same test images.
+    explanation_bytes = first.explanation_path.read_bytes()
+    assert card.explanation_file == ExplanationFileRecord.of(
+        explanation_bytes, card.explanation_file.check
+    )
+    check = card.explanation_file.check
+    assert check["images_compared"] == len(data.test_images) + 1008
+    assert check["digit_mismatches"] == 0 and check["checks"][0]["images"] == "test set"
+    assert check["largest_differences"]["sum(contributions) + bias_term and logit"] <= 1e-4
+    assert read_metadata(explanation_bytes) == read_metadata(onnx_bytes)
+    ExplanationRuntime(first.explanation_path)  # the server's contract check takes it
+    # The file keeps the schema it has always had: every key, only explanation_file added.
     assert sorted(json.loads(first.card_path.read_text())) == [
-        "architecture", "created_at", "libraries", "metrics", "model_file", "name", "onnx",
-        "parity", "published_at", "schema_version", "training", "version",
+        "architecture", "created_at", "explanation_file", "libraries", "metrics", "model_file",
+        "name", "onnx", "parity", "published_at", "schema_version", "training", "version",
     ]  # fmt: skip
     assert json.loads(first.card_path.read_text())["onnx"]["inputs"] == [
         {"name": "images", "datatype": "UINT8", "shape": [-1, 28, 28]}

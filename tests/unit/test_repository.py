@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,8 +23,10 @@ from serving.atomic import write_json_atomically
 from serving.repository import (
     CARD_FILE,
     CARD_SCHEMA_VERSION,
+    EXPLANATION_FILE,
     MODEL_FILE,
     Architecture,
+    ExplanationFileRecord,
     ModelCard,
     ModelFileRecord,
     RepositoryError,
@@ -33,7 +36,13 @@ from serving.repository import (
     publish,
 )
 from serving.repository_cli import main as models_main
-from serving.synthetic import publish_model, random_linear_model
+from serving.synthetic import (
+    linear_explanation_bytes,
+    linear_model_bytes,
+    publish_model,
+    random_linear_model,
+    random_linear_weights,
+)
 
 
 def write_fake_version(staging: Path, version: int, content: bytes = b"onnx bytes") -> None:
@@ -201,11 +210,11 @@ def test_models_list_prints_a_table(tmp_path, capsys):
     assert models_main(["list", "--repository", str(tmp_path)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == [
-        "MODEL", "VERSION", "ARCH", "TEST", "ACC", "CREATED", "AT", "SHA256", "STATUS"
+        "MODEL", "VERSION", "ARCH", "TEST", "ACC", "CREATED", "AT", "SHA256", "EXPLAIN", "STATUS"
     ]  # fmt: skip
     sha_prefix = hashlib.sha256(b"onnx bytes").hexdigest()[:12]
     assert lines[2].split() == [
-        "mnist37", "2", "linear", "0.9700", "2025-01-02T03:04:05+00:00", sha_prefix, "ok"
+        "mnist37", "2", "linear", "0.9700", "2025-01-02T03:04:05+00:00", sha_prefix, "no", "ok"
     ]  # fmt: skip
 
 
@@ -377,3 +386,103 @@ def test_models_list_reports_a_malformed_card_as_damaged(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "DAMAGED" in captured.out
     assert "architecture.name is 7, not a string" in captured.err
+
+
+def publish_explainable(repository: Path, seed: int = 5):
+    weights = random_linear_weights(seed)
+    return publish_model(
+        repository,
+        "mnist37",
+        linear_model_bytes(*weights),
+        explanation=linear_explanation_bytes(*weights),
+    )
+
+
+def test_an_explanation_is_published_with_its_version_and_listed_in_the_card(tmp_path):
+    version = publish_explainable(tmp_path)
+    assert sorted(p.name for p in version.path.iterdir()) == [
+        EXPLANATION_FILE,
+        CARD_FILE,
+        MODEL_FILE,
+    ]
+    record = version.read_card().explanation_file
+    assert record == ExplanationFileRecord.of(version.explanation_path.read_bytes())
+    assert record.name == EXPLANATION_FILE and record.bytes > 0
+    assert json.loads(version.card_path.read_text())["explanation_file"] == {
+        "name": EXPLANATION_FILE,
+        "sha256": record.sha256,
+        "bytes": record.bytes,
+        "check": None,
+    }
+
+
+def test_an_explanation_record_with_its_check_round_trips(tmp_path):
+    check = {"images_compared": 3046, "digit_mismatches": 0, "checks": []}
+    record = ExplanationFileRecord.of(b"graph", check)
+    assert (record.sha256, record.bytes) == (hashlib.sha256(b"graph").hexdigest(), 5)
+    card = replace(ModelCard.from_json(PUBLISHED_CARD), explanation_file=record)
+    card.write(tmp_path / CARD_FILE)
+    assert ModelCard.read(tmp_path / CARD_FILE) == card
+    assert ModelCard.read(tmp_path / CARD_FILE).explanation_file.check == check
+    # A card written before explanations (PUBLISHED_CARD) says nothing of one.
+    assert ModelCard.from_json(PUBLISHED_CARD).explanation_file is None
+    older = ModelCard.from_json({"explanation_file": {"sha256": "ab", "bytes": 3}})
+    assert older.explanation_file == ExplanationFileRecord("ab", 3, EXPLANATION_FILE, None)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"explanation_file": []}', "explanation_file is"),
+        ('{"explanation_file": {"bytes": "3"}}', 'explanation_file.bytes is "3", not an integer'),
+        ('{"explanation_file": {"check": 1}}', "explanation_file.check is 1, not an object"),
+    ],
+)
+def test_a_malformed_explanation_record_is_a_repository_error(tmp_path, content, message):
+    (tmp_path / CARD_FILE).write_text(content)
+    with pytest.raises(RepositoryError, match=message):
+        ModelCard.read(tmp_path / CARD_FILE)
+
+
+def test_models_list_says_which_versions_can_explain(tmp_path, capsys):
+    publish_model(tmp_path, "mnist37", random_linear_model())
+    publish_explainable(tmp_path)
+    assert models_main(["list", "--repository", str(tmp_path)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:]]
+    assert [(row[1], row[-2], row[-1]) for row in rows] == [("1", "no", "ok"), ("2", "yes", "ok")]
+    assert models_main(["list", "--repository", str(tmp_path), "--json"]) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert [entry["explainable"] for entry in listing] == [False, True]
+    assert (
+        listing[1]["explanation_sha256"]
+        == hashlib.sha256((tmp_path / "mnist37" / "2" / EXPLANATION_FILE).read_bytes()).hexdigest()
+    )
+
+
+def test_models_list_reports_a_damaged_explanation_file(tmp_path, capsys):
+    version = publish_explainable(tmp_path)
+    version.explanation_path.write_bytes(b"tampered")
+    assert models_main(["list", "--repository", str(tmp_path)]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1].split()[-2:] == ["yes", "DAMAGED"]
+    recorded = version.read_card().explanation_file.sha256
+    assert captured.err.splitlines() == [
+        f"mnist37-models: mnist37 v1: {version.explanation_path} has sha256 "
+        f"{hashlib.sha256(b'tampered').hexdigest()}, the card says {recorded}"
+    ]
+
+
+def test_models_list_reports_an_explanation_file_and_its_record_apart(tmp_path, capsys):
+    recorded_only = publish_explainable(tmp_path)
+    recorded_only.explanation_path.unlink()
+    unrecorded = publish_model(tmp_path, "mnist37", random_linear_model())
+    unrecorded.explanation_path.write_bytes(b"graph")
+    assert models_main(["list", "--repository", str(tmp_path), "--json"]) == 1
+    first, second = json.loads(capsys.readouterr().out)
+    assert not first["explainable"] and first["problems"] == [
+        f"cannot read {recorded_only.explanation_path}: No such file or directory"
+    ]
+    assert second["explainable"] and second["problems"] == [
+        f"{unrecorded.explanation_path} has sha256 {hashlib.sha256(b'graph').hexdigest()}, "
+        "the card records none"
+    ]

@@ -99,7 +99,7 @@ def test_an_empty_request_decodes_to_no_images():
         ({"shape": [11, 28, 28]}, "--max-request-images"),
         ({"shape": [True, 28, 28]}, "inputs[0].shape: expected an array of integers"),
         ({"name": 7}, "inputs[0].name: expected a string, got an integer"),
-        ({"parameters": {"shared_memory_region": "r"}}, "shared_memory_region is not supported"),
+        ({"parameters": {"shared_memory_region": "r"}}, "'shared_memory_region' is not supported"),
         ({"data": [[[True] * 28] * 28] * 3}, "got true or false"),
         ({"data": [[0] * 784] * 3}, "nested as [3, 784], expected a flat array"),
         ({"data": [0] * 2351 + [None]}, "got values of mixed or other types"),

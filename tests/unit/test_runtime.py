@@ -5,16 +5,23 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from serving.contract import EXPLANATION_OUTPUT_NAMES
 from serving.runtime import (
     CPU_PROVIDER,
     ContractViolation,
     DeviceUnavailable,
+    ExplanationRuntime,
     ModelRuntime,
     RuntimeOptions,
     cuda_usable,
     requested_providers,
 )
-from serving.synthetic import linear_model_bytes, random_linear_model
+from serving.synthetic import (
+    linear_explanation_bytes,
+    linear_model_bytes,
+    random_linear_model,
+    random_linear_weights,
+)
 
 
 @pytest.fixture
@@ -108,3 +115,36 @@ def test_contract_violations_are_refused_with_the_reason(tmp_path):
     with pytest.raises(ContractViolation, match="no output 'probability'"):
         ModelRuntime(missing_output)
     assert onnx  # the fixtures above are built with onnx.helper
+
+
+def test_an_explanation_graph_loads_checked_and_its_votes_add_up_to_the_served_logit(tmp_path):
+    weights = random_linear_weights(seed=4)
+    (tmp_path / "model.onnx").write_bytes(linear_model_bytes(*weights))
+    (tmp_path / "explanation.onnx").write_bytes(linear_explanation_bytes(*weights))
+    options = RuntimeOptions(graph_optimization="basic")
+    model = ModelRuntime(tmp_path / "model.onnx", options)
+    explainer = ExplanationRuntime(tmp_path / "explanation.onnx", options)
+    assert explainer.provider == model.provider == CPU_PROVIDER
+    images = np.random.default_rng(1).integers(0, 256, (40, 28, 28), dtype=np.uint8)
+    contributions, bias_term, logit, probability, digit = explainer.run(images)
+    assert contributions.shape == (40, 28, 28) and bias_term.shape == (40,)
+    pixels = images.astype(np.float64) / 255.0
+    np.testing.assert_allclose(contributions, pixels * weights.weights.reshape(28, 28), atol=1e-6)
+    np.testing.assert_allclose(bias_term, weights.bias, rtol=1e-6)
+    np.testing.assert_allclose(contributions.sum(axis=(1, 2)) + bias_term, logit, atol=1e-4)
+    served_probability, served_digit = model.predict(images)
+    np.testing.assert_array_equal(probability, served_probability)
+    np.testing.assert_array_equal(digit, served_digit)
+
+
+def test_an_explanation_graph_is_held_to_its_own_outputs(tmp_path, model_path):
+    with pytest.raises(ContractViolation, match="no output 'contributions'"):
+        ExplanationRuntime(model_path)  # a serving graph is no explanation
+    wrong_type = _identity_model(
+        tmp_path,
+        TensorProto.UINT8,
+        ["N", 28, 28],
+        [(name, TensorProto.UINT8, ["N", 28, 28]) for name in EXPLANATION_OUTPUT_NAMES],
+    )
+    with pytest.raises(ContractViolation, match=r"contributions is tensor\(uint8\), expected"):
+        ExplanationRuntime(wrong_type)

@@ -76,11 +76,11 @@ def _shared_memory_input(request):
         (_request_outputs("digit", "digit"), "outputs[1].name: 'digit' is requested twice"),
         (
             _classification_of("probability"),
-            "outputs[0].parameters: classification is not supported",
+            "outputs[0].parameters: 'classification' is not supported",
         ),
         (
             _shared_memory_input,
-            "inputs[0].parameters: shared_memory_byte_size, shared_memory_region are not",
+            "inputs[0].parameters: 'shared_memory_byte_size', 'shared_memory_region' are not",
         ),
     ],
 )
@@ -169,6 +169,8 @@ def test_refused_parameters_are_named_within_a_bound():
     with pytest.raises(InvalidInput) as raised:
         decode_infer_request(request, AT_MOST_10)
     message = str(raised.value)
-    assert message.startswith("inputs[0].parameters: p00, p01, p02, p03, p04, p05, p06, p07 and")
+    assert message.startswith(
+        "inputs[0].parameters: 'p00', 'p01', 'p02', 'p03', 'p04', 'p05', 'p06', 'p07' and"
+    )
     assert message.endswith("13 more are not supported") and "binary_data_size" not in message
     assert len(message) < 200

@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmnist37/v1/classifier.proto\x12\nmnist37.v1\"0\n\x05Image\x12\x10\n\x06pixels\x18\x01 \x01(\x0cH\x00\x12\r\n\x03png\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"_\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12!\n\x06images\x18\x03 \x03(\x0b\x32\x11.mnist37.v1.Image\"a\n\nPrediction\x12\r\n\x05\x64igit\x18\x01 \x01(\x05\x12\x19\n\x11probability_seven\x18\x02 \x01(\x02\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"?\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.mnist37.v1.Prediction2U\n\nClassifier\x12G\n\x08\x43lassify\x12\x1b.mnist37.v1.ClassifyRequest\x1a\x1c.mnist37.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bmnist37/v1/classifier.proto\x12\nmnist37.v1\"0\n\x05Image\x12\x10\n\x06pixels\x18\x01 \x01(\x0cH\x00\x12\r\n\x03png\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04\x64\x61ta\"_\n\x0f\x43lassifyRequest\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12!\n\x06images\x18\x03 \x03(\x0b\x32\x11.mnist37.v1.Image\"a\n\nPrediction\x12\r\n\x05\x64igit\x18\x01 \x01(\x05\x12\x19\n\x11probability_seven\x18\x02 \x01(\x02\x12\x12\n\nmodel_name\x18\x03 \x01(\t\x12\x15\n\rmodel_version\x18\x04 \x01(\t\"?\n\x10\x43lassifyResponse\x12+\n\x0bpredictions\x18\x01 \x03(\x0b\x32\x16.mnist37.v1.Prediction\"\xab\x01\n\x0b\x45xplanation\x12\x15\n\rcontributions\x18\x01 \x01(\x0c\x12\x11\n\tbias_term\x18\x02 \x01(\x02\x12\r\n\x05logit\x18\x03 \x01(\x02\x12\x19\n\x11probability_seven\x18\x04 \x01(\x02\x12\r\n\x05\x64igit\x18\x05 \x01(\x05\x12\x12\n\nmodel_name\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x0e\n\x06pixels\x18\x08 \x01(\x0c\"@\n\x0f\x45xplainResponse\x12-\n\x0c\x65xplanations\x18\x01 \x03(\x0b\x32\x17.mnist37.v1.Explanation2\x9c\x01\n\nClassifier\x12G\n\x08\x43lassify\x12\x1b.mnist37.v1.ClassifyRequest\x1a\x1c.mnist37.v1.ClassifyResponse\"\x00\x12\x45\n\x07\x45xplain\x12\x1b.mnist37.v1.ClassifyRequest\x1a\x1b.mnist37.v1.ExplainResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -30,6 +30,10 @@ if _descriptor._USE_C_DESCRIPTORS == False:
   _globals['_PREDICTION']._serialized_end=287
   _globals['_CLASSIFYRESPONSE']._serialized_start=289
   _globals['_CLASSIFYRESPONSE']._serialized_end=352
-  _globals['_CLASSIFIER']._serialized_start=354
-  _globals['_CLASSIFIER']._serialized_end=439
+  _globals['_EXPLANATION']._serialized_start=355
+  _globals['_EXPLANATION']._serialized_end=526
+  _globals['_EXPLAINRESPONSE']._serialized_start=528
+  _globals['_EXPLAINRESPONSE']._serialized_end=592
+  _globals['_CLASSIFIER']._serialized_start=595
+  _globals['_CLASSIFIER']._serialized_end=751
 # @@protoc_insertion_point(module_scope)

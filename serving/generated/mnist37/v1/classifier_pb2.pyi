@@ -41,3 +41,29 @@ class ClassifyResponse(_message.Message):
     PREDICTIONS_FIELD_NUMBER: _ClassVar[int]
     predictions: _containers.RepeatedCompositeFieldContainer[Prediction]
     def __init__(self, predictions: _Optional[_Iterable[_Union[Prediction, _Mapping]]] = ...) -> None: ...
+
+class Explanation(_message.Message):
+    __slots__ = ("contributions", "bias_term", "logit", "probability_seven", "digit", "model_name", "model_version", "pixels")
+    CONTRIBUTIONS_FIELD_NUMBER: _ClassVar[int]
+    BIAS_TERM_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_SEVEN_FIELD_NUMBER: _ClassVar[int]
+    DIGIT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    PIXELS_FIELD_NUMBER: _ClassVar[int]
+    contributions: bytes
+    bias_term: float
+    logit: float
+    probability_seven: float
+    digit: int
+    model_name: str
+    model_version: str
+    pixels: bytes
+    def __init__(self, contributions: _Optional[bytes] = ..., bias_term: _Optional[float] = ..., logit: _Optional[float] = ..., probability_seven: _Optional[float] = ..., digit: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., pixels: _Optional[bytes] = ...) -> None: ...
+
+class ExplainResponse(_message.Message):
+    __slots__ = ("explanations",)
+    EXPLANATIONS_FIELD_NUMBER: _ClassVar[int]
+    explanations: _containers.RepeatedCompositeFieldContainer[Explanation]
+    def __init__(self, explanations: _Optional[_Iterable[_Union[Explanation, _Mapping]]] = ...) -> None: ...

@@ -20,6 +20,11 @@ class ClassifierStub(object):
                 request_serializer=mnist37_dot_v1_dot_classifier__pb2.ClassifyRequest.SerializeToString,
                 response_deserializer=mnist37_dot_v1_dot_classifier__pb2.ClassifyResponse.FromString,
                 )
+        self.Explain = channel.unary_unary(
+                '/mnist37.v1.Classifier/Explain',
+                request_serializer=mnist37_dot_v1_dot_classifier__pb2.ClassifyRequest.SerializeToString,
+                response_deserializer=mnist37_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
+                )
 
 
 class ClassifierServicer(object):
@@ -32,6 +37,15 @@ class ClassifierServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Explain(self, request, context):
+        """Explains each image's prediction as pixel votes. Takes the same request as Classify,
+        checked and decoded the same way, and answers in the same order. FAILED_PRECONDITION
+        when the model version was published without an explanation graph.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClassifierServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -39,6 +53,11 @@ def add_ClassifierServicer_to_server(servicer, server):
                     servicer.Classify,
                     request_deserializer=mnist37_dot_v1_dot_classifier__pb2.ClassifyRequest.FromString,
                     response_serializer=mnist37_dot_v1_dot_classifier__pb2.ClassifyResponse.SerializeToString,
+            ),
+            'Explain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Explain,
+                    request_deserializer=mnist37_dot_v1_dot_classifier__pb2.ClassifyRequest.FromString,
+                    response_serializer=mnist37_dot_v1_dot_classifier__pb2.ExplainResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -64,5 +83,22 @@ class Classifier(object):
         return grpc.experimental.unary_unary(request, target, '/mnist37.v1.Classifier/Classify',
             mnist37_dot_v1_dot_classifier__pb2.ClassifyRequest.SerializeToString,
             mnist37_dot_v1_dot_classifier__pb2.ClassifyResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def Explain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/mnist37.v1.Classifier/Explain',
+            mnist37_dot_v1_dot_classifier__pb2.ClassifyRequest.SerializeToString,
+            mnist37_dot_v1_dot_classifier__pb2.ExplainResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
