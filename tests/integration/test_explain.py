@@ -14,11 +14,13 @@ import torch
 from helpers import TRAINING_SEED, png, train_quickly
 
 from serving.client import Mnist37Client
+from serving.config import ServerConfig
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
 from serving.imaging import DEFAULT_PNG_LIMITS, png_to_image
 from serving.launcher import ServerProcess, start_server
 from serving.registry import BatchingOptions, load_model_version
+from serving.repository import EXPLANATION_FILE
 from serving.runtime import ExplanationRuntime, RuntimeOptions
 from serving.synthetic import (
     linear_explanation_bytes,
@@ -32,6 +34,7 @@ from training.publish import TrainingRecord, publish_model
 from training.train import evaluate, is_seven, to_pixels
 
 ARCHITECTURES = ("linear", "mlp")
+MAX_IMAGES = ServerConfig().max_request_images  # the default --max-request-images
 WITHOUT_EXPLANATION = "before-explain"  # a version published as every one was before Explain
 CREATED_AT = "2026-12-01T00:00:00+00:00"
 
@@ -104,7 +107,11 @@ def test_votes_add_up_to_the_served_logit_whose_sigmoid_is_classifys_p7(client, 
     served = explained(client, arch, images)
     votes = served["contributions"].astype(np.float64).sum(axis=(1, 2))
     assert np.abs(votes + served["bias_term"] - served["logit"]).max() <= 1e-4
-    classified = client.classify(list(images), arch)
+    classified = [
+        prediction
+        for start in range(0, len(images), 512)
+        for prediction in client.classify(list(images[start : start + 512]), arch)
+    ]
     p7 = np.array([prediction.probability_seven for prediction in classified])
     assert np.abs(sigmoid(served["logit"]) - p7).max() <= 1e-5
     np.testing.assert_allclose(served["probability_seven"], p7, rtol=0, atol=1e-6)
@@ -194,10 +201,10 @@ def test_a_version_without_an_explanation_graph_is_a_failed_precondition(stub, t
 
 
 def test_the_largest_request_is_explained(client, test_digits):
-    """4,096 images (--max-request-images) answer 16 MB: more than any request carries."""
-    images = np.resize(test_digits[0], (4096, 28, 28))
+    """1,024 images (--max-request-images) answer 4 MB: more than any request carries."""
+    images = np.resize(test_digits[0], (MAX_IMAGES, 28, 28))
     answers = client.explain(list(images), "linear")
-    assert len(answers) == 4096
+    assert len(answers) == MAX_IMAGES
     np.testing.assert_array_equal(answers[-1].pixels, images[-1])
 
 
@@ -215,7 +222,8 @@ def test_a_version_loads_with_its_explanation_graph_or_not_at_all(tmp_path):
 
         loaded = load(explainable).explanation
         assert isinstance(loaded.runtime, ExplanationRuntime)
-        assert loaded.runtime.model_path == explainable.explanation_path
+        # Named by its version, not its path (messages shown to clients name no paths).
+        assert loaded.runtime.model_path == Path(explainable.label) / EXPLANATION_FILE
         assert load(plain).explanation is None
         # onnxruntime's own error, naming the file: the reloader keeps what it served
         with pytest.raises(Exception, match=r"explanation\.onnx"):

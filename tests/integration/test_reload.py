@@ -325,8 +325,15 @@ def test_a_version_with_a_broken_explanation_graph_waits_for_it_to_be_fixed(make
     weights = random_linear_weights(seed=2)
     explanation = linear_explanation_bytes(*weights)
     broken = publish_model(
-        harness.repository, MODEL, linear_model_bytes(*weights), explanation=explanation[:50]
+        harness.repository, MODEL, linear_model_bytes(*weights), explanation=explanation
     )
+
+    def replace_graph(graph: bytes) -> None:
+        staged = broken.path / "graph.tmp"
+        staged.write_bytes(graph)
+        os.replace(staged, broken.explanation_path)
+
+    replace_graph(explanation[:50])  # damaged after publishing: not what the card says
 
     async def scenario():
         await harness.reloader.reload()
@@ -336,9 +343,7 @@ def test_a_version_with_a_broken_explanation_graph_waits_for_it_to_be_fixed(make
         await harness.reloader.reload()
         assert len(harness.loads) == attempts
         # The explanation graph is part of the version's fingerprint: fixing it retries.
-        fixed = broken.path / "fixed.tmp"
-        fixed.write_bytes(explanation)
-        os.replace(fixed, broken.explanation_path)
+        replace_graph(explanation)
         await harness.reloader.reload()
         assert harness.served() == [2]
         assert harness.registry.resolve(MODEL).explanation is not None
