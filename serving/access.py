@@ -9,7 +9,9 @@ token can be timed, and every token is compared. No token is ever logged, counte
 echoed; the log says only how many tokens the file holds.
 
 `TokenFile` is protocol-neutral (it judges a header value); `AuthInterceptor` applies it to
-gRPC, before the request message is even parsed.
+gRPC, before the request message is even parsed, and `serving.rest.server.HttpServer` to
+HTTP, before the body is read. One set of PEM files makes both `server_credentials` (gRPC)
+and `server_ssl_context` (HTTP).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -151,6 +154,33 @@ def server_credentials(
     return grpc.ssl_server_credentials(
         ((private_key, chain),), root_certificates=roots, require_client_auth=roots is not None
     )
+
+
+def server_ssl_context(
+    cert: Path | None, key: Path | None, client_ca: Path | None
+) -> ssl.SSLContext | None:
+    """The same TLS as `server_credentials`, for HTTP: an `ssl.SSLContext` from the same
+    PEM files (TLS 1.2 at least), requiring a client certificate `client_ca` signed when it
+    is given; None for plaintext. Checked like `server_credentials`, so call that first."""
+    if cert is None or key is None:
+        return None
+    # Not create_default_context: it would trust the system's CAs for client certificates.
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as error:
+        raise AccessConfigError(
+            f"cannot use the TLS certificate {cert} with the key {key}: {error}"
+        ) from error
+    if client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=client_ca)
+        except (OSError, ssl.SSLError) as error:
+            raise AccessConfigError(f"cannot use the client CA {client_ca}: {error}") from error
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def _metadata_value(metadata: Iterable[tuple[str, str | bytes]] | None, key: str) -> str | None:

@@ -1,6 +1,10 @@
-"""The domain API servicer, `mnist37.v1.Classifier`: images in; digits and P(7) out
-(`Classify`), or the same as pixel votes (`Explain`). Both RPCs take the same request and
-share its checks, its decoding and their limits."""
+"""The domain API, `mnist37.v1.Classifier`: images in; digits and P(7) out (`Classify`), or
+the same as pixel votes (`Explain`). Both take the same request and share its checks, its
+decoding and their limits.
+
+`Classification` is the operation itself, protocol-free: one decode path (`model_and_images`)
+for gRPC's Classify and Explain (`ClassifierServicer`) and HTTP's `/v1/classify` and
+`/v1/explain` (`serving.rest.classify`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,7 @@ import numpy as np
 
 from serving.contract import IMAGE_SIDE, PIXELS
 from serving.dataplane import DataPlane, ExplanationResult, InferenceResult
-from serving.edge import EdgeState, RpcCall, deadline_of
+from serving.edge import EdgeCall, EdgeState, RpcCall
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
@@ -76,56 +80,66 @@ def decode_images(
     return batch
 
 
-class ClassifierServicer(pb_grpc.ClassifierServicer):
+class Classification:
+    """Classify and Explain, protocol-free: a `ClassifyRequest`'s images decoded (PNGs within
+    `png_limits` on the dedicated pool), then classified or explained by the requested
+    model. The gRPC servicer and the HTTP edge (`serving.rest.classify`) share one."""
+
     def __init__(
         self,
         dataplane: DataPlane,
-        edge: EdgeState,
         png_limits: PngLimits = DEFAULT_PNG_LIMITS,
         png_executor: Executor | None = None,
     ) -> None:
         self.dataplane = dataplane
-        self.edge = edge
         self.png_limits = png_limits
         # Requests with PNGs decode only on these few threads, so concurrent requests
         # cannot multiply decoding's memory and CPU.
         self.png_executor = png_executor or ThreadPoolExecutor(1, thread_name_prefix="png")
 
-    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
-        async with RpcCall(self.dataplane, self.edge, "Classify", context, inference=True) as call:
-            model, images = await self._model_and_images(call, request, context)
-            result = await self.dataplane.infer(model, images, deadline_of(context))
-            return _response(result)
+    async def classify(
+        self, call: EdgeCall, request: pb.ClassifyRequest, remaining: float | None = None
+    ) -> pb.ClassifyResponse:
+        """The predictions for `request`, within `remaining` seconds if not None."""
+        deadline = _deadline(remaining)
+        model, images = await self.model_and_images(call, request, remaining)
+        result = await self.dataplane.infer(model, images, deadline)
+        return _response(result)
 
-    async def Explain(self, request: pb.ClassifyRequest, context) -> pb.ExplainResponse:
-        async with RpcCall(self.dataplane, self.edge, "Explain", context, inference=True) as call:
-            model, images = await self._model_and_images(
-                call, request, context, admit=self.dataplane.explanation_of
-            )
-            result = await self.dataplane.explain(model, images, deadline_of(context))
-            return _explain_response(result, images)
+    async def explain(
+        self, call: EdgeCall, request: pb.ClassifyRequest, remaining: float | None = None
+    ) -> tuple[ExplanationResult, np.ndarray]:
+        """The explanations for `request` and the images they explain, within `remaining`
+        seconds if not None; NotExplainable if the model has no explanation graph."""
+        deadline = _deadline(remaining)
+        model, images = await self.model_and_images(
+            call, request, remaining, admit=self.dataplane.explanation_of
+        )
+        return await self.dataplane.explain(model, images, deadline), images
 
-    async def _model_and_images(
+    async def model_and_images(
         self,
-        call: RpcCall,
+        call: EdgeCall,
         request: pb.ClassifyRequest,
-        context,
+        remaining: float | None = None,
         admit: Callable[[LoadedModel], object] = _any_model,
     ) -> tuple[LoadedModel, np.ndarray]:
         """The requested model and the request's images as uint8 [N, 28, 28]: the part
-        every RPC of the service shares. `admit(model)` raises if the RPC cannot run on
-        the model; like an unknown model, that fails before any decoding."""
+        every operation shares, whatever the protocol. `admit(model)` raises if the
+        operation cannot run on the model; like an unknown model, that fails before any
+        decoding."""
         name, version = request.model_name or DEFAULT_MODEL_NAME, request.model_version
         admit(call.resolve(name, version))
-        images = await self._decode(request.images, context)
+        images = await self.decode(request.images, remaining)
         # Resolve again: a version retired while PNGs decoded must not be used.
         return call.resolve(name, version), images
 
-    async def _decode(self, images: Sequence[pb.Image], context) -> np.ndarray:
+    async def decode(self, images: Sequence[pb.Image], remaining: float | None) -> np.ndarray:
+        """The images as uint8 [N, 28, 28]; PNGs are decoded off the event loop, and the
+        rest of them abandoned once `remaining` seconds passed or the caller was cancelled."""
         self.dataplane.check_image_count(len(images), "images")
         if not any(image.WhichOneof("data") == "png" for image in images):
             return decode_images(list(images))
-        remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
         abandoned = threading.Event()
 
@@ -139,6 +153,31 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             )
         finally:
             abandoned.set()  # when cancelled, the decoding thread stops before its next image
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(
+        self, dataplane: DataPlane, edge: EdgeState, classification: Classification
+    ) -> None:
+        self.dataplane = dataplane
+        self.edge = edge
+        self.classification = classification
+
+    async def Classify(self, request: pb.ClassifyRequest, context) -> pb.ClassifyResponse:
+        async with RpcCall(self.dataplane, self.edge, "Classify", context, inference=True) as call:
+            return await self.classification.classify(call, request, context.time_remaining())
+
+    async def Explain(self, request: pb.ClassifyRequest, context) -> pb.ExplainResponse:
+        async with RpcCall(self.dataplane, self.edge, "Explain", context, inference=True) as call:
+            result, images = await self.classification.explain(
+                call, request, context.time_remaining()
+            )
+            return _explain_response(result, images)
+
+
+def _deadline(remaining: float | None) -> float | None:
+    """`remaining` seconds from now in event-loop time, or None."""
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def _response(result: InferenceResult) -> pb.ClassifyResponse:

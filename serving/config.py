@@ -27,11 +27,15 @@ DEVICES = ("cpu", "cuda", "auto")
 GRAPH_OPTIMIZATIONS = ("disable", "basic", "extended", "all")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_FORMATS = ("json", "text")
+# The HTTP body limit: JSON of --max-request-images' default 1,024 images takes at most
+# 1024 x 784 x 5 bytes (a pixel "255, ") = 4,014,080 bytes, about 4 MB (binary tensors: 784
+# bytes an image); 8 MiB leaves room for nesting, whitespace and base64 PNGs.
+HTTP_MAX_BODY_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Serve the repository's ONNX 3-vs-7 models over gRPC."""
+    """Serve the repository's ONNX 3-vs-7 models over gRPC and HTTP."""
 
     prog: ClassVar[str] = "mnist37-serve"
 
@@ -41,8 +45,13 @@ class ServerConfig:
     )
     host: str = setting(
         "127.0.0.1",
-        "address gRPC listens on: loopback by default, `0.0.0.0` for every interface (the "
-        "container images set that); beyond loopback, use TLS and tokens",
+        "address gRPC and HTTP listen on: loopback by default, `0.0.0.0` for every interface "
+        "(the container images set that); beyond loopback, use TLS and tokens",
+    )
+    http_port: int = setting(
+        8000,
+        "HTTP port (Open Inference Protocol REST, /v1/classify, /v1/explain); 0 turns HTTP off",
+        allowed=NON_NEGATIVE,
     )
     grpc_port: int = setting(
         8001,
@@ -54,11 +63,11 @@ class ServerConfig:
     )
     metrics_host: str = setting(
         "127.0.0.1",
-        "address the metrics port listens on, apart from gRPC's: it has no authentication, "
-        "so expose it only to Prometheus",
+        "address the metrics port listens on, apart from gRPC's and HTTP's: it has no "
+        "authentication, so expose it only to Prometheus",
     )
     tls_cert: Path | None = setting(
-        None, "PEM certificate chain: serve gRPC over TLS (with `--tls-key`)"
+        None, "PEM certificate chain: serve gRPC and HTTP (HTTPS) over TLS (with `--tls-key`)"
     )
     tls_key: Path | None = setting(None, "PEM private key of `--tls-cert`")
     tls_client_ca: Path | None = setting(
@@ -67,8 +76,8 @@ class ServerConfig:
     )
     auth_token_file: Path | None = setting(
         None,
-        "file of bearer tokens, one a line, re-read when it changes: every RPC needs "
-        "`authorization: Bearer <token>`, else UNAUTHENTICATED",
+        "file of bearer tokens, one a line, re-read when it changes: every RPC and HTTP "
+        "request needs `authorization: Bearer <token>`, else UNAUTHENTICATED (HTTP 401)",
     )
     protect_health: bool = setting(
         False,
@@ -132,6 +141,18 @@ class ServerConfig:
     idle_timeout: float = setting(
         300.0,
         "seconds a connection may stay without an RPC before the server closes it",
+        allowed=POSITIVE,
+    )
+    http_max_body_bytes: int = setting(
+        HTTP_MAX_BODY_BYTES,
+        "most bytes of an HTTP request body, more is 413 (JSON of 1,024 images, the default "
+        "`--max-request-images`, fits in about 4 MB)",
+        allowed=POSITIVE,
+    )
+    http_body_timeout: float = setting(
+        30.0,
+        "seconds an HTTP request body may take to arrive whole, more is 408 (against slow "
+        "or stalled clients)",
         allowed=POSITIVE,
     )
     max_png_pixels: int = setting(

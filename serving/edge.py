@@ -1,15 +1,20 @@
-"""The gRPC edge both servicers share.
+"""The edge every servicer shares, gRPC's and HTTP's.
 
-Every RPC runs inside one `RpcCall`, which turns a `ServingError` into its status code,
-counts the RPC by code with its model and version (bounded labels), times it, and logs it
-once if it failed (rate-limited per RPC and code). An inference request refused (invalid,
-or an Explain of a version that cannot explain) after its model was resolved also counts
-as failed in that model's Triton statistics.
+Every request runs inside one `EdgeCall` (`RpcCall` for gRPC, `serving.rest.edge.HttpCall`
+for HTTP), which turns a `ServingError` into its status, counts the request by status code
+with its model and version (bounded labels), times it, and logs it once if it failed
+(rate-limited per RPC and code). An inference request refused (invalid, or an Explain of a
+version that cannot explain) after its model was resolved also counts as failed in that
+model's Triton statistics.
 
-`EdgeState` is what the edge knows across RPCs: the inference requests in flight, whether
-new ones are still accepted (the drain in `serving.server` waits for the first to reach 0,
-then ends the second) and the failure-log rate limit. The server owns one; the RPCs of
-every servicer share it.
+`STATUS` is the one map from error types to statuses: each type has a gRPC status code and
+an HTTP status, so both protocols answer the same error the same way, and the metrics and
+logs name both by the gRPC code.
+
+`EdgeState` is what the edge knows across requests: the inference requests in flight,
+whether new ones are still accepted (the drain in `serving.server` waits for the first to
+reach 0, then ends the second) and the failure-log rate limit. The server owns one; the
+requests of every servicer, gRPC and HTTP, share it.
 """
 
 from __future__ import annotations
@@ -23,13 +28,20 @@ import grpc
 
 from serving.dataplane import DataPlane
 from serving.errors import (
+    ClientGone,
     DeadlineExpired,
     InvalidInput,
+    MethodNotAllowed,
     ModelNotFound,
     NotExplainable,
     Overloaded,
+    RequestTimeout,
+    RequestTooLarge,
     ServerNotReady,
     ServingError,
+    Unauthenticated,
+    UnknownEndpoint,
+    UnsupportedMediaType,
 )
 from serving.logs import FailureLogLimiter
 from serving.registry import LoadedModel
@@ -39,13 +51,38 @@ log = logging.getLogger("serving.rpc")
 UNKNOWN_MODEL = "_unknown"
 MAX_LOGGED_NAME = 100
 
-_STATUS = {
-    ModelNotFound: grpc.StatusCode.NOT_FOUND,
-    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
-    ServerNotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
-    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    NotExplainable: grpc.StatusCode.FAILED_PRECONDITION,
+
+@dataclass(frozen=True, slots=True)
+class Status:
+    """How an outcome is answered: its gRPC status code and its HTTP status."""
+
+    code: grpc.StatusCode
+    http: int
+
+
+OK = Status(grpc.StatusCode.OK, 200)
+INTERNAL = Status(grpc.StatusCode.INTERNAL, 500)
+# 499 (nginx's "client closed request"): the client that cancelled never sees it.
+CANCELLED = Status(grpc.StatusCode.CANCELLED, 499)
+DEADLINE_EXCEEDED = Status(grpc.StatusCode.DEADLINE_EXCEEDED, 504)
+
+# The one map from error types to statuses, for both protocols (a subclass not listed takes
+# its nearest listed ancestor's). Two types may share a gRPC code and differ in HTTP.
+STATUS: dict[type[ServingError], Status] = {
+    ModelNotFound: Status(grpc.StatusCode.NOT_FOUND, 404),
+    InvalidInput: Status(grpc.StatusCode.INVALID_ARGUMENT, 400),
+    # What grpc itself answers a message over its size limit.
+    RequestTooLarge: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 413),
+    UnsupportedMediaType: Status(grpc.StatusCode.INVALID_ARGUMENT, 415),
+    RequestTimeout: Status(grpc.StatusCode.DEADLINE_EXCEEDED, 408),
+    ServerNotReady: Status(grpc.StatusCode.UNAVAILABLE, 503),
+    DeadlineExpired: DEADLINE_EXCEEDED,
+    Overloaded: Status(grpc.StatusCode.RESOURCE_EXHAUSTED, 429),
+    NotExplainable: Status(grpc.StatusCode.FAILED_PRECONDITION, 409),
+    ClientGone: CANCELLED,
+    Unauthenticated: Status(grpc.StatusCode.UNAUTHENTICATED, 401),
+    UnknownEndpoint: Status(grpc.StatusCode.UNIMPLEMENTED, 404),
+    MethodNotAllowed: Status(grpc.StatusCode.UNIMPLEMENTED, 405),
 }
 # Refused by the model the RPC resolved, before any inference: counted as failed requests
 # in that model's Triton statistics here, since the data plane never saw them run.
@@ -59,15 +96,29 @@ _CLIENT_SIDE = {
     grpc.StatusCode.UNAVAILABLE,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.UNAUTHENTICATED,
+    grpc.StatusCode.UNIMPLEMENTED,
 }
+
+# (status, message) a failed request is answered with.
+Outcome = tuple[Status, str]
+
+
+def status_of(error: ServingError) -> Status:
+    """`error`'s status from `STATUS`: its type's, else its nearest listed ancestor's."""
+    for kind in type(error).__mro__:
+        status = STATUS.get(kind)
+        if status is not None:
+            return status
+    return INTERNAL
 
 
 @dataclass(eq=False)
 class EdgeState:
-    """The server's edge state, shared by every servicer's RPCs. Protocol-neutral (no gRPC
-    in it), so another edge serving the same data plane can share it too."""
+    """The server's edge state, shared by the requests of every servicer, gRPC's and
+    HTTP's. Protocol-neutral (no gRPC in it)."""
 
-    # how many failed RPCs are logged (no limit by default)
+    # how many failed requests are logged (no limit by default)
     failure_log: FailureLogLimiter = field(default_factory=lambda: FailureLogLimiter(0))
     in_flight: int = 0  # inference requests being handled: the drain waits for 0
     accepting: bool = True  # False once the drain stops taking new inference requests
@@ -86,15 +137,14 @@ class EdgeState:
             raise ServerNotReady("the server is shutting down")
 
 
-class RpcCall:
-    """`async with RpcCall(dataplane, edge, "ModelInfer", context) as call:` around an RPC's
-    whole handling. Inside, `call.resolve(name, version)` finds the model (and labels the
-    RPC with it); raising a `ServingError` answers with its status code. With
-    `inference=True` the RPC counts as in flight in `edge`, which a graceful drain waits
-    for, and is refused once the drain stopped accepting."""
+class EdgeCall:
+    """`async with` a subclass's call around a request's whole handling. Inside,
+    `call.resolve(name, version)` finds the model (and labels the request with it); raising
+    a `ServingError` answers with its status. With `inference=True` the request counts as
+    in flight in `edge`, which a graceful drain waits for, and is refused once the drain
+    stopped accepting. Protocol-free: a subclass answers the outcome `_finish` returns."""
 
     __slots__ = (
-        "_context",
         "_dataplane",
         "_edge",
         "_inference",
@@ -108,16 +158,10 @@ class RpcCall:
     )
 
     def __init__(
-        self,
-        dataplane: DataPlane,
-        edge: EdgeState,
-        rpc: str,
-        context: grpc.aio.ServicerContext,
-        inference: bool = False,
+        self, dataplane: DataPlane, edge: EdgeState, rpc: str, inference: bool = False
     ) -> None:
         self._edge = edge
         self._dataplane = dataplane
-        self._context = context
         self._inference = inference
         self.rpc = rpc
         self.model = ""
@@ -127,9 +171,9 @@ class RpcCall:
         self._loaded: LoadedModel | None = None
 
     def resolve(self, name: str, version: str = "") -> LoadedModel:
-        """The model `name` at `version`, which labels the RPC. An inference RPC is admitted
-        here, as it picks the model it will run on: once the drain stopped accepting, it is
-        refused (UNAVAILABLE), labelled with that model."""
+        """The model `name` at `version`, which labels the request. An inference request is
+        admitted here, as it picks the model it will run on: once the drain stopped
+        accepting, it is refused (UNAVAILABLE), labelled with that model."""
         self.name_model(name)
         self._requested_version = version
         loaded = self._dataplane.resolve(name, version)
@@ -140,53 +184,63 @@ class RpcCall:
         return loaded
 
     def name_model(self, name: str) -> None:
-        """Label the RPC with model `name`: kept if such a model is loaded, else the fixed
-        "_unknown", so clients cannot create label values."""
+        """Label the request with model `name`: kept if such a model is loaded, else the
+        fixed "_unknown", so clients cannot create label values."""
         self.requested = name
         self.model = name if self._dataplane.registry.versions(name) else UNKNOWN_MODEL
 
-    async def __aenter__(self) -> RpcCall:
+    async def __aenter__(self) -> EdgeCall:
         if self._inference:
             self._edge.arrived()
         self._start = time.perf_counter()
         return self
 
-    async def __aexit__(self, error_type: type | None, error: BaseException | None, _tb) -> None:
+    def _finish(self, error: BaseException | None) -> Outcome | None:
+        """The request ended, with `error` or not: leave the in-flight count, observe it,
+        log it if it failed. The status and message to answer with; None when there is
+        nothing to answer (KeyboardInterrupt, SystemExit: not a request's outcome)."""
         seconds = time.perf_counter() - self._start
         if self._inference:
             self._edge.in_flight -= 1
         if error is None:
             self._dataplane.observer.rpc_finished(self.rpc, self.model, self.version, "OK", seconds)
-            return
+            return OK, ""
+        outcome = self._outcome(error, seconds)
+        if outcome is None:
+            return None
+        status, details = outcome
+        observer = self._dataplane.observer
+        observer.rpc_finished(self.rpc, self.model, self.version, status.code.name, seconds)
+        self._log_failure(status, details, error)
+        return outcome
+
+    def _outcome(self, error: BaseException, seconds: float) -> Outcome | None:
         if isinstance(error, ServingError):
-            code, details = _STATUS.get(type(error), grpc.StatusCode.INTERNAL), str(error)
             if self._inference and self._loaded is not None and isinstance(error, _REFUSED):
                 self._dataplane.record_rejected(self._loaded, int(seconds * 1e9))
-        elif isinstance(error, asyncio.CancelledError):
-            code, details = self._cancellation()
-        elif isinstance(error, grpc.aio.AbortError):
-            code, details = self._context.code() or grpc.StatusCode.UNKNOWN, ""
-        elif isinstance(error, Exception):
-            code, details = grpc.StatusCode.INTERNAL, f"internal error: {type(error).__name__}"
-        else:
-            return  # KeyboardInterrupt, SystemExit: not a request's outcome
-        observer = self._dataplane.observer
-        observer.rpc_finished(self.rpc, self.model, self.version, code.name, seconds)
-        self._log_failure(code, details, error)
-        if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
-            await self._context.abort(code, details)
+            return status_of(error), str(error)
+        if isinstance(error, asyncio.CancelledError):
+            return self._cancellation()
+        if isinstance(error, Exception):
+            return INTERNAL, f"internal error: {type(error).__name__}"
+        return None
 
-    def _cancellation(self) -> tuple[grpc.StatusCode, str]:
-        """Why the handler was cancelled: grpc.aio cancels it when the client cancels, its
-        deadline passes or the server's stop runs out of grace."""
-        remaining = self._context.time_remaining()
-        if remaining is not None and remaining <= 0:
-            return grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded"
+    def _cancellation(self) -> Outcome:
+        """Why the handler was cancelled, as far as the edge knows."""
         if not self._edge.accepting:
-            return grpc.StatusCode.CANCELLED, "cancelled while the server was stopping"
-        return grpc.StatusCode.CANCELLED, "cancelled by the client"
+            return CANCELLED, "cancelled while the server was stopping"
+        return CANCELLED, "cancelled by the client"
 
-    def _log_failure(self, code: grpc.StatusCode, details: str, error: BaseException) -> None:
+    def _peer(self) -> str:
+        """The client's address, for the failure log."""
+        return ""
+
+    def _summary(self, status: Status) -> str:
+        """The status as the failure log line names it."""
+        return status.code.name
+
+    def _log_failure(self, status: Status, details: str, error: BaseException) -> None:
+        code = status.code
         internal = code not in _CLIENT_SIDE
         level = logging.ERROR if internal else logging.WARNING
         if not self._edge.failure_log.allow(self.rpc, code.name, level):
@@ -195,7 +249,7 @@ class RpcCall:
             level,
             "%s failed: %s: %s",
             self.rpc,
-            code.name,
+            self._summary(status),
             details,
             exc_info=error if internal else None,
             extra={
@@ -203,9 +257,57 @@ class RpcCall:
                 "model": self.requested[:MAX_LOGGED_NAME],
                 "version": self.version or self._requested_version[:MAX_LOGGED_NAME],
                 "code": code.name,
-                "peer": self._context.peer(),
+                "peer": self._peer(),
             },
         )
+
+
+class RpcCall(EdgeCall):
+    """`async with RpcCall(dataplane, edge, "ModelInfer", context) as call:` around an RPC's
+    whole handling: an `EdgeCall` that answers a failure by aborting the RPC with its
+    status code."""
+
+    __slots__ = ("_context",)
+
+    def __init__(
+        self,
+        dataplane: DataPlane,
+        edge: EdgeState,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        inference: bool = False,
+    ) -> None:
+        super().__init__(dataplane, edge, rpc, inference)
+        self._context = context
+
+    async def __aenter__(self) -> RpcCall:
+        await super().__aenter__()
+        return self
+
+    async def __aexit__(self, error_type: type | None, error: BaseException | None, _tb) -> None:
+        outcome = self._finish(error)
+        if outcome is None or error is None:
+            return
+        if isinstance(error, Exception) and not isinstance(error, grpc.aio.AbortError):
+            status, details = outcome
+            await self._context.abort(status.code, details)
+
+    def _outcome(self, error: BaseException, seconds: float) -> Outcome | None:
+        if isinstance(error, grpc.aio.AbortError):
+            # Aborted already, with a code the context keeps; only the code is ever used.
+            return Status(self._context.code() or grpc.StatusCode.UNKNOWN, INTERNAL.http), ""
+        return super()._outcome(error, seconds)
+
+    def _cancellation(self) -> Outcome:
+        """grpc.aio cancels the handler when the client cancels, its deadline passes or the
+        server's stop runs out of grace."""
+        remaining = self._context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            return DEADLINE_EXCEEDED, "deadline exceeded"
+        return super()._cancellation()
+
+    def _peer(self) -> str:
+        return self._context.peer()
 
 
 def deadline_of(context: grpc.aio.ServicerContext) -> float | None:

@@ -1,4 +1,5 @@
-"""Typed errors of the serving core; the protocol layer maps each to a gRPC status code."""
+"""Typed errors of the serving core. `serving.edge` maps each type to its gRPC status code
+and HTTP status, one table for both protocols."""
 
 from __future__ import annotations
 
@@ -57,3 +58,41 @@ class NotExplainable(ServingError):
     explanation graph."""
 
     kind = "failed_precondition"
+
+
+class RequestTooLarge(InvalidInput):
+    """The request's body is larger than the server takes (HTTP's body limit)."""
+
+
+class UnsupportedMediaType(InvalidInput):
+    """The request's body is of a content type or encoding the endpoint does not take."""
+
+
+class RequestTimeout(InvalidInput):
+    """The request's body did not arrive whole in time: a slow, stalled or truncated body."""
+
+
+class ClientGone(ServingError):
+    """The client closed its connection before its request was whole."""
+
+    kind = "cancelled"
+
+
+class Unauthenticated(ServingError):
+    """The request carries no valid credentials."""
+
+    kind = "unauthenticated"
+
+
+class UnknownEndpoint(ServingError):
+    """The request names no endpoint the server has (an unknown path or method)."""
+
+    kind = "unimplemented"
+
+
+class MethodNotAllowed(UnknownEndpoint):
+    """The endpoint exists, but not for the request's method; `allowed` lists its methods."""
+
+    def __init__(self, message: str, allowed: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.allowed = allowed

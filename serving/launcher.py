@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +17,9 @@ import grpc
 
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
+
+# gRPC metadata: (key, value) pairs, an `authorization` token say.
+Metadata = Sequence[tuple[str, str]]
 
 
 class ServerNotReady(RuntimeError):
@@ -35,10 +38,22 @@ class ServerProcess:
     process: subprocess.Popen
     port: int
     log_path: Path
+    http_port: int = 0  # 0: HTTP off
+    tls: bool = False  # started with --tls-cert: gRPC over TLS, HTTPS
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_address(self) -> str:
+        """The HTTP endpoints' `127.0.0.1:PORT`."""
+        assert self.http_port, "this server was started without HTTP"
+        return f"127.0.0.1:{self.http_port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://{self.http_address}"
 
     def log(self) -> str:
         return self.log_path.read_text()
@@ -57,11 +72,24 @@ def start_server(
     wait: bool = True,
     timeout: float = 60.0,
     prefix: Sequence[str] = (),
+    http: bool = True,
+    environment: Mapping[str, str] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: Metadata = (),
 ) -> ServerProcess:
     """Run `python -m serving.server` on a free port, its output in `log_dir`; with `wait`,
-    return once ServerReady is true. `prefix` runs the server through another command
-    (one that puts it into a memory-limited cgroup, say) that ends by exec-ing it."""
+    return once ServerReady is true, asked over a channel with `credentials` (for a server
+    started with `--tls-cert`: TLS, with a client certificate for mutual TLS) and with
+    `metadata` (with `--auth-token-file`: the token; ServerReady is no health check);
+    insecure and bare without them. `prefix` runs the server through another command (one
+    that puts it into a memory-limited cgroup, say) that ends by exec-ing it. With `http`,
+    the HTTP endpoints listen on another free port, else HTTP is off (`--http-port 0`; a
+    `--http-port` in `extra` wins). `environment` adds variables to the server's."""
     port = free_port()
+    http_port = _other_free_port(port) if http else 0
+    if "--http-port" in extra:  # the last one is the one the server takes
+        last = len(extra) - 1 - extra[::-1].index("--http-port")
+        http_port = int(extra[last + 1])
     log_path = log_dir / f"server-{port}.log"
     command = [
         *prefix,
@@ -76,30 +104,57 @@ def start_server(
         str(port),
         "--metrics-port",
         "0",
+        "--http-port",
+        str(http_port),
         *extra,
     ]
+    env = {**os.environ, **(environment or {})}
     with open(log_path, "w") as log_file:
-        process = subprocess.Popen(
-            command, stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ)
-        )
-    server = ServerProcess(process, port, log_path)
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+    server = ServerProcess(process, port, log_path, http_port, tls="--tls-cert" in extra)
     if wait:
-        wait_ready(server, timeout)
+        wait_ready(server, timeout, credentials, metadata)
     return server
 
 
-def wait_ready(server: ServerProcess, timeout: float = 60.0) -> None:
+def _other_free_port(taken: int) -> int:
+    port = free_port()
+    while port == taken:
+        port = free_port()
+    return port
+
+
+def wait_ready(
+    server: ServerProcess,
+    timeout: float = 60.0,
+    credentials: grpc.ChannelCredentials | None = None,
+    metadata: Metadata = (),
+) -> None:
+    """Until ServerReady is true, asked over a channel with `credentials` (None: insecure)
+    and `metadata`; ServerNotReady if the server exits or `timeout` seconds pass first.
+    Each attempt opens a new channel: a TLS channel that first tried before the server
+    listened was seen never to finish a handshake later (each one timed out)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(server.target) as channel:
-        stub = oip_grpc.GRPCInferenceServiceStub(channel)
-        while time.monotonic() < deadline:
-            if server.process.poll() is not None:
-                raise ServerNotReady(f"server exited {server.process.returncode}:\n{server.log()}")
-            try:
-                if stub.ServerReady(oip_pb.ServerReadyRequest(), timeout=1).ready:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerNotReady(f"server exited {server.process.returncode}:\n{server.log()}")
+        if _ready(server.target, credentials, metadata):
+            return
+        time.sleep(0.1)
     server.terminate()
     raise ServerNotReady(f"server not ready within {timeout}s:\n{server.log()}")
+
+
+def _ready(target: str, credentials: grpc.ChannelCredentials | None, metadata: Metadata) -> bool:
+    channel = (
+        grpc.insecure_channel(target)
+        if credentials is None
+        else grpc.secure_channel(target, credentials)
+    )
+    with channel:
+        stub = oip_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            request = oip_pb.ServerReadyRequest()
+            return stub.ServerReady(request, timeout=1, metadata=tuple(metadata)).ready
+        except grpc.RpcError:
+            return False

@@ -98,9 +98,10 @@ class GraphRuntime:
                 sess_options=session_options,
                 providers=providers,
             )
-        except Exception as error:  # onnxruntime's errors derive from Exception only
-            # Loaded from bytes, onnxruntime cannot name the file: say which it was.
-            raise ModelLoadError(f"{model_path}: {type(error).__name__}: {error}") from error
+        except Exception as error:
+            if model_bytes is None:
+                raise  # onnxruntime named the file itself
+            raise _naming(error, model_path) from error
         # onnxruntime falls back to CPU silently when a provider fails to initialise.
         self.provider = self.session.get_providers()[0]
         if options.device == "cuda" and self.provider != CUDA_PROVIDER:
@@ -147,6 +148,16 @@ class ExplanationRuntime(GraphRuntime):
     contributions [N, 28, 28], bias_term, logit, probability and digit [N], in that order."""
 
     outputs = EXPLANATION_OUTPUTS
+
+
+def _naming(error: Exception, model_path: Path) -> Exception:
+    """onnxruntime's `error` about bytes it was given, of the same type where it can be
+    built again, naming the file they came from (which graph of the version failed)."""
+    message = f"{model_path}: {error}"
+    try:
+        return type(error)(message)
+    except Exception:
+        return ModelLoadError(message)
 
 
 def _check_tensor(model_path: Path, tensor: ort.NodeArg, spec: TensorSpec) -> None:

@@ -1,4 +1,6 @@
-"""`mnist37-serve`: wires the model registry, data plane, edge and gRPC services together.
+"""`mnist37-serve`: wires the model registry, data plane, edge, gRPC services and HTTP
+endpoints together. gRPC and HTTP (aiohttp, `serving.rest`) run in the same event loop on
+the same data plane, so their requests join the same batches, and share one edge state.
 
 Health: the overall service "" (and each gRPC service) is readiness, SERVING while a model
 is loaded; `liveness` is SERVING from the moment the server answers, model or not.
@@ -27,9 +29,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from serving.access import AccessConfigError, AuthInterceptor, TokenFile, server_credentials
+from serving.access import (
+    AccessConfigError,
+    AuthInterceptor,
+    TokenFile,
+    server_credentials,
+    server_ssl_context,
+)
 from serving.batcher import BatchListener
-from serving.classifier import MAX_EXPLANATION_BYTES, ClassifierServicer
+from serving.catalog import Catalog
+from serving.classifier import MAX_EXPLANATION_BYTES, Classification, ClassifierServicer
 from serving.config import ServerConfig, load_config
 from serving.console import console_script
 from serving.contract import PIXELS
@@ -46,6 +55,10 @@ from serving.oip import InferenceServicer
 from serving.registry import BatchingOptions, LoadedModel, ModelRegistry, load_model_version
 from serving.reloader import ModelReloader
 from serving.repository import ModelVersion
+from serving.rest.classify import ClassifyEndpoint
+from serving.rest.edge import Route
+from serving.rest.oip import InferenceEndpoints
+from serving.rest.server import HttpServer, HttpSettings
 from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_providers
 
 log = logging.getLogger("serving")
@@ -84,6 +97,22 @@ class InferenceServer:
         )
         # Requests large enough to stall the event loop while parsed are parsed here.
         self.parse_executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="parse")
+        self.catalog = Catalog(
+            self.dataplane,
+            self.edge,
+            config.repository,
+            config.max_queue_delay_us,
+            config.keep_versions,
+        )
+        self.classification = Classification(
+            self.dataplane,
+            PngLimits(config.max_png_pixels, config.max_request_png_pixels),
+            self.png_executor,
+        )
+        try:
+            self.http_settings = HttpSettings.from_config(config)
+        except ValueError as error:
+            raise StartupError(str(error)) from error
         self.health = health.aio.HealthServicer()
         self.reloader = ModelReloader(
             config.repository,
@@ -96,9 +125,14 @@ class InferenceServer:
         )
         self.grpc_server: grpc.aio.Server | None = None
         self.port: int | None = None
+        self.http: HttpServer | None = None
         # Read at construction, so a bad TLS file or token file refuses to start at once.
+        # gRPC and HTTP take the same certificate, client CA and tokens.
         try:
             self.credentials = server_credentials(
+                config.tls_cert, config.tls_key, config.tls_client_ca
+            )
+            self.ssl_context = server_ssl_context(
                 config.tls_cert, config.tls_key, config.tls_client_ca
             )
             self.tokens = (
@@ -122,6 +156,7 @@ class InferenceServer:
         # not load one. Only the drain (enter_graceful_shutdown) turns it NOT_SERVING.
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         await self.grpc_server.start()
+        await self._start_http()
         if self.observer is not None:
             try:
                 self.observer.serve(config.metrics_host, config.metrics_port)
@@ -132,11 +167,44 @@ class InferenceServer:
                 ) from error
         await self._update_health()
         log.info(
-            "serving %d model version(s) on %s (gRPC), metrics on %s",
+            "serving %d model version(s) on %s (gRPC), %s (HTTP), metrics on %s",
             len(self.registry.all()),
             f"{config.host}:{self.port}",
+            f"{config.host}:{self.http.port}" if self.http else "off",
             config.metrics_port or "off",
         )
+
+    async def _start_http(self) -> None:
+        """The HTTP endpoints on --http-port, unless it is 0."""
+        settings = self.http_settings
+        if not settings.port:
+            return
+        self.http = HttpServer(
+            settings,
+            self.config.host,
+            self.dataplane,
+            self.edge,
+            self.http_routes(),
+            tokens=self.tokens,
+            open_health=not self.config.protect_health,
+            ssl_context=self.ssl_context,
+            shutdown_timeout=self.config.shutdown_timeout,
+        )
+        try:
+            await self.http.start()
+        except OSError as error:
+            self.http = None
+            raise StartupError(
+                f"cannot listen on {self.config.host}:{settings.port} (HTTP): {error.strerror}"
+            ) from error
+
+    def http_routes(self) -> list[Route]:
+        """Every HTTP endpoint, on this server's data plane, catalog and classification."""
+        limits = self.http_settings.body_limits
+        return [
+            *InferenceEndpoints(self.dataplane, self.catalog, limits).routes(),
+            *ClassifyEndpoint(self.classification, limits).routes(),
+        ]
 
     def _load_version(self, model_version: ModelVersion) -> LoadedModel:
         """Load, check and warm up one version (blocking: the reloader runs it in a thread)."""
@@ -225,19 +293,8 @@ class InferenceServer:
         def malformed(rpc: str, seconds: float) -> None:
             observer.rpc_finished(rpc, "", "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
 
-        inference = InferenceServicer(
-            self.dataplane,
-            self.edge,
-            config.repository,
-            config.max_queue_delay_us,
-            config.keep_versions,
-        )
-        classifier = ClassifierServicer(
-            self.dataplane,
-            self.edge,
-            PngLimits(config.max_png_pixels, config.max_request_png_pixels),
-            self.png_executor,
-        )
+        inference = InferenceServicer(self.dataplane, self.edge, self.catalog)
+        classifier = ClassifierServicer(self.dataplane, self.edge, self.classification)
         for service, servicer in ((OIP_DESCRIPTOR, inference), (CLASSIFIER_DESCRIPTOR, classifier)):
             add_service(server, service, servicer, self.parse_executor, on_malformed=malformed)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -328,6 +385,8 @@ class InferenceServer:
         if self.grpc_server is not None:
             grace = 0.0 if force.is_set() else max(0.0, deadline - loop.time())
             await self._stop_grpc(grace, force)
+        if self.http is not None:
+            await self.http.stop()
         await self.reloader.stop()
         for model in self.registry.swap([]):
             await model.wait_idle()
@@ -367,6 +426,8 @@ async def serve(config: ServerConfig) -> int:
             executor.shutdown(wait=False)
         if server.grpc_server is not None:
             await server.grpc_server.stop(0)
+        if server.http is not None:
+            await server.http.stop()
         raise
     await stop.wait()
     await server.drain_and_stop(force)
@@ -374,13 +435,16 @@ async def serve(config: ServerConfig) -> int:
 
 
 def refuse_busy_ports(config: ServerConfig) -> None:
-    """Raise StartupError if the gRPC or the metrics port cannot be bound, before any model
-    is loaded. gRPC's C-core writes its own lines to stderr (absl's "All log messages
+    """Raise StartupError if the gRPC, the HTTP or the metrics port cannot be bound, before
+    any model is loaded. gRPC's C-core writes its own lines to stderr (absl's "All log messages
     before absl::InitializeLog()", chttp2_server.cc's "No address added") before
     add_insecure_port fails, so a busy port is found here first and refused in one line.
     The real binds stay the authority: a port taken in between is still refused."""
     if config.grpc_port:  # 0: any free port
         _check_bindable(config.host, config.grpc_port, f"cannot listen on {config.grpc_address}")
+    if config.http_port:
+        where = f"cannot listen on {config.host}:{config.http_port} (HTTP)"
+        _check_bindable(config.host, config.http_port, where)
     if config.metrics_port:
         where = f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}"
         _check_bindable(config.metrics_host, config.metrics_port, where)

@@ -1,5 +1,6 @@
 """Shared fixtures: synthetic contract-conforming models, the shipped test digits, and a
-real `mnist37-serve` subprocess on a free loopback port. Plain helpers live in
+real `mnist37-serve` subprocess on free loopback ports (gRPC and HTTP: the launcher passes
+`--http-port`, so no test server binds the default 8000). Plain helpers live in
 `helpers.py`; `leakcheck.py` fails the session if a process the tests started survives it.
 
 Tests under `tests/integration` are marked `integration` (they start servers, Prometheus

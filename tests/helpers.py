@@ -1,12 +1,16 @@
 """Helpers the unit and integration tests share: paths, the shipped digits, request and
-PNG makers, an event-loop runner, a stand-in for grpc.aio's servicer context and quickly
-trained real models (torch is imported only by the tests that train)."""
+PNG makers, a small HTTP client of the OIP REST API, an event-loop runner, a stand-in for
+grpc.aio's servicer context and quickly trained real models (torch is imported only by the
+tests that train)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import io
+import json
+import ssl
 import subprocess
 import time
 from collections.abc import Coroutine
@@ -63,6 +67,80 @@ def infer_request(
     else:
         tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
     return request
+
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def rest_infer_body(
+    images: np.ndarray,
+    binary: bool = True,
+    binary_outputs: bool | None = None,
+    nested: bool = False,
+    **fields: object,
+) -> tuple[bytes, dict[str, str]]:
+    """An OIP REST infer request for uint8 [N, 28, 28] images, as tritonclient.http writes
+    it: the input binary (JSON header + raw bytes) or in JSON (flat, or `nested` as the
+    shape); outputs binary when `binary_outputs` (default: as the input). `fields` are
+    added to the request (`id`, `outputs`, `parameters`)."""
+    tensor: dict[str, object] = {"name": "images", "datatype": "UINT8", "shape": list(images.shape)}
+    if binary:
+        tensor["parameters"] = {"binary_data_size": images.nbytes}
+    else:
+        tensor["data"] = images.tolist() if nested else images.reshape(-1).tolist()
+    request: dict[str, object] = {"inputs": [tensor], **fields}
+    wanted = binary if binary_outputs is None else binary_outputs
+    request.setdefault("parameters", {"binary_data_output": wanted})
+    header = json.dumps(request, separators=(",", ":")).encode()
+    if not binary:
+        return header, {"Content-Type": "application/json"}
+    return header + images.tobytes(), {
+        "Content-Type": "application/octet-stream",
+        HEADER_LENGTH: str(len(header)),
+    }
+
+
+def rest_infer_outputs(body: bytes, headers: dict[str, str]) -> tuple[dict, dict[str, np.ndarray]]:
+    """An OIP REST infer response: its JSON header and its outputs by name, binary or JSON."""
+    length = int(headers.get(HEADER_LENGTH.lower(), len(body)))
+    header = json.loads(body[:length])
+    offset, outputs = length, {}
+    for tensor in header["outputs"]:
+        dtype = np.dtype("<f4") if tensor["datatype"] == "FP32" else np.dtype("<i8")
+        size = tensor.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            values = np.array(tensor["data"], dtype=dtype)
+        else:
+            values = np.frombuffer(body[offset : offset + size], dtype=dtype)
+            offset += size
+        outputs[tensor["name"]] = values.reshape(tensor["shape"])
+    assert offset == len(body), "bytes left after the binary outputs"
+    return header, outputs
+
+
+def http_call(
+    address: str,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 60.0,
+    tls: ssl.SSLContext | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One HTTP request on a new connection (HTTPS with the client context `tls`): status,
+    headers (lower-case names), body."""
+    host, port = address.rsplit(":", 1)
+    connection = (
+        http.client.HTTPConnection(host, int(port), timeout=timeout)
+        if tls is None
+        else http.client.HTTPSConnection(host, int(port), timeout=timeout, context=tls)
+    )
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
 
 
 def png(array: np.ndarray, mode: str = "L") -> bytes:

@@ -10,8 +10,9 @@ What differs from the containers, and nothing else (see tests/compose_helpers.py
 - container paths: each volume's mount point and each container's /tmp map to temporary
   directories; `./deploy/prometheus` maps to a copy whose scrape target `server:<metrics
   port>` (compose's service name) is 127.0.0.1 and the server's metrics port;
-- ports: the server listens on 127.0.0.1 on free ports (MNIST37_HOST, MNIST37_GRPC_PORT,
-  MNIST37_METRICS_PORT), Prometheus on 127.0.0.1 on a free port (--web.listen-address);
+- ports: the server listens on 127.0.0.1 on free ports (MNIST37_HOST, MNIST37_HTTP_PORT,
+  MNIST37_GRPC_PORT, MNIST37_METRICS_PORT), Prometheus on 127.0.0.1 on a free port
+  (--web.listen-address);
 - binaries: Prometheus's entrypoint /bin/prometheus is Debian's `prometheus`; `python` and
   `mnist37-*` are this virtual environment's;
 - speed: MNIST37_POLL_INTERVAL is 1 s instead of compose's 5 s (the switch to version 2
@@ -226,8 +227,8 @@ def check_compose_has_the_shape_this_test_maps(services: Mapping[str, dict[str, 
     environment = server["environment"]
     assert environment["MNIST37_HOST"] == "0.0.0.0"
     assert server["ports"] == [
-        f"{environment['MNIST37_GRPC_PORT']}:{environment['MNIST37_GRPC_PORT']}",
-        f"{environment['MNIST37_METRICS_PORT']}:{environment['MNIST37_METRICS_PORT']}",
+        f"{environment[name]}:{environment[name]}"
+        for name in ("MNIST37_HTTP_PORT", "MNIST37_GRPC_PORT", "MNIST37_METRICS_PORT")
     ]
     assert server["healthcheck"]["test"][0] == "CMD"
     prometheus = services["prometheus"]
@@ -354,11 +355,12 @@ def test_compose_services_run_as_plain_processes_end_to_end(
         # server: free loopback ports instead of the published container ports.
         server_service = services["server"]
         compose_metrics_port = server_service["environment"]["MNIST37_METRICS_PORT"]
-        grpc_port, metrics_port = free_port(), free_port()
+        grpc_port, metrics_port, http_port = free_port(), free_port(), free_port()
         server_env = project.environment(
             "server",
             {
                 "MNIST37_HOST": LOOPBACK,
+                "MNIST37_HTTP_PORT": str(http_port),
                 "MNIST37_GRPC_PORT": str(grpc_port),
                 "MNIST37_METRICS_PORT": str(metrics_port),
                 "MNIST37_POLL_INTERVAL": POLL_INTERVAL_OVERRIDE,
@@ -381,6 +383,9 @@ def test_compose_services_run_as_plain_processes_end_to_end(
             "server healthcheck", server_healthy, seconds(healthcheck["start_period"]), 0.5
         )
         assert health_line.endswith(": SERVING"), health_line
+        ready = f"http://{LOOPBACK}:{http_port}/v2/models/{model_name}/versions/1/ready"
+        with urllib.request.urlopen(ready, timeout=5) as reply:
+            assert reply.status == 200  # HTTP/REST too, on its own port
         timings["server healthy"] = time.monotonic() - started_at
 
         # prometheus: the mounted configuration, scraping the server on loopback.

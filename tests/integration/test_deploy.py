@@ -59,6 +59,7 @@ DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
 CRD_KINDS = {"ServiceMonitor", "InferenceService"}
 NOT_A_RESOURCE = {"kustomization.yaml"}
+# Every variable mnist37-serve reads: one per ServerConfig field (HTTP's too).
 SERVER_VARIABLES = {env_var(field.name) for field in fields(ServerConfig)}
 # Where kubernetes-validate's schemas keep Kubernetes' object definitions.
 DEFINITIONS = "/api/_definitions.json#/$defs"
@@ -206,7 +207,11 @@ def test_compose_server_matches_the_servers_flags_ports_and_shutdown() -> None:
     config = load_config(command[1:], environment)
     assert config.repository == Path(MODELS_MOUNT)
     published = {tuple(map(int, port.split(":"))) for port in server["ports"]}
-    assert published == {(config.grpc_port, config.grpc_port), (8002, config.metrics_port)}
+    assert published == {
+        (8000, config.http_port),
+        (config.grpc_port, config.grpc_port),
+        (8002, config.metrics_port),
+    }
     assert seconds(server["stop_grace_period"]) >= config.shutdown_timeout + 5
     assert server["stop_signal"] == "SIGTERM"
     health = server["healthcheck"]
@@ -324,7 +329,7 @@ def test_serving_images_follow_the_rules(dockerfile: Path, extra: str) -> None:
     serve = stages(dockerfile)["serve"]
     user = instruction(serve, "USER")
     assert user and user[-1].split(":")[0] not in ("0", "root"), user
-    assert instruction(serve, "EXPOSE") == ["8001 8002"]
+    assert instruction(serve, "EXPOSE") == ["8000 8001 8002"]
     assert instruction(serve, "STOPSIGNAL") == ["SIGTERM"]
     health = instruction(serve, "HEALTHCHECK")
     assert len(health) == 1 and '"-m", "serving.healthcheck"' in health[0]
@@ -332,7 +337,7 @@ def test_serving_images_follow_the_rules(dockerfile: Path, extra: str) -> None:
     variables = dict(re.findall(r"(MNIST37_[A-Z_]+)=(\S+)", env))
     assert set(variables) <= SERVER_VARIABLES
     config = load_config([], variables)
-    assert (config.grpc_port, config.metrics_port) == (8001, 8002)
+    assert (config.http_port, config.grpc_port, config.metrics_port) == (8000, 8001, 8002)
     assert config.repository == Path(MODELS_MOUNT)
     # The runtime stage holds no compiler and installs nothing itself.
     assert not instruction(serve, "RUN"), "the runtime stage should only copy the venv"
@@ -533,7 +538,11 @@ def test_deployment_probes_ports_and_shutdown_match_the_server() -> None:
     assert container["command"][0] == "mnist37-serve"
     config = load_config(container["command"][1:], env)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": config.grpc_port, "metrics": config.metrics_port}
+    assert ports == {
+        "http": config.http_port,
+        "grpc": config.grpc_port,
+        "metrics": config.metrics_port,
+    }
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == config.grpc_port, probe
     # Ready: a model is loaded (the overall service ""). Live (and started): the process

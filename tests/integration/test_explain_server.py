@@ -34,6 +34,7 @@ from training.publish import TrainingRecord, publish_model
 from training.train import evaluate, is_seven, to_pixels
 
 ARCHITECTURES = ("linear", "mlp")
+MAX_IMAGES = ServerConfig().max_request_images  # the default --max-request-images
 WITHOUT_EXPLANATION = "before-explain"  # a version published as every one was before Explain
 CREATED_AT = "2026-12-01T00:00:00+00:00"
 
@@ -222,6 +223,7 @@ def test_a_version_loads_with_its_explanation_graph_or_not_at_all(tmp_path):
 
         loaded = load(explainable).explanation
         assert isinstance(loaded.runtime, ExplanationRuntime)
+        # Named by its version, not its path (messages shown to clients name no paths).
         assert loaded.runtime.model_path == Path(explainable.label) / EXPLANATION_FILE
         assert load(plain).explanation is None
         # onnxruntime's own error, naming the file: the reloader keeps what it served

@@ -43,6 +43,7 @@ async def running_server(repository: Path, **settings: object) -> AsyncIterator[
         repository=repository,
         host="127.0.0.1",
         grpc_port=0,
+        http_port=0,
         metrics_port=free_port(),
         poll_interval=0.0,
         drain_quiet_period=0.0,

@@ -47,6 +47,22 @@ def test_perf_analyzer_measures_batched_load_and_statistics_rise(server, tmp_pat
         assert reply.model_version == "2"
 
 
+@pytest.mark.parametrize("protocol", ["http", "http-json"])
+@pytest.mark.parametrize("batch_size", [1, 64])
+def test_perf_analyzer_over_http(server, tmp_path, protocol, batch_size):
+    """perf_analyzer's HTTP client (binary or JSON tensors) reads the model config and the
+    statistics as JSON and gets every answer it asks for."""
+    csv = tmp_path / "perf.csv"
+    command, env = perf_analyzer_command(
+        server.http_address, 4, batch_size, csv=csv, measurement_ms=300, protocol=protocol
+    )
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    assert "Throughput:" in completed.stdout and "Server:" in completed.stdout
+    concurrency, throughput = csv.read_text().splitlines()[1].split(",")[:2]
+    assert concurrency == "4" and float(throughput) > 0
+
+
 def test_mnist37_perf_analyzer_passes_its_arguments_to_perf_analyzer(server):
     """The console script (`python -m serving.perf_analyzer`, its module) finds the bundled
     binary and its libraries itself: no LD_LIBRARY_PATH from the caller."""

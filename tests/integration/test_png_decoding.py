@@ -12,12 +12,11 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 import pytest
-from helpers import FakeContext, png
+from helpers import png
 from PIL import Image
 
 from serving import classifier
 from serving.dataplane import DataPlane
-from serving.edge import EdgeState
 from serving.errors import DeadlineExpired, InvalidInput
 from serving.generated.mnist37.v1 import classifier_pb2 as pb
 from serving.generated.mnist37.v1 import classifier_pb2_grpc as pb_grpc
@@ -64,9 +63,9 @@ def slow(monkeypatch) -> SlowDecodes:
     return decodes
 
 
-def servicer(threads: int = 1) -> classifier.ClassifierServicer:
-    return classifier.ClassifierServicer(
-        DataPlane(ModelRegistry(), 4096), EdgeState(), PngLimits(), ThreadPoolExecutor(threads)
+def classification(threads: int = 1) -> classifier.Classification:
+    return classifier.Classification(
+        DataPlane(ModelRegistry(), 4096), PngLimits(), ThreadPoolExecutor(threads)
     )
 
 
@@ -95,7 +94,7 @@ def test_decoding_stops_between_images_when_asked():
 
 def test_decoding_stops_at_the_deadline(slow):
     async def scenario() -> None:
-        await servicer()._decode(pngs(100), FakeContext(0.3))
+        await classification().decode(pngs(100), 0.3)
 
     started = time.monotonic()
     with pytest.raises(DeadlineExpired):
@@ -106,7 +105,7 @@ def test_decoding_stops_at_the_deadline(slow):
 
 def test_a_cancelled_request_stops_decoding(slow):
     async def scenario() -> tuple[int, int]:
-        task = asyncio.create_task(servicer()._decode(pngs(100), FakeContext()))
+        task = asyncio.create_task(classification().decode(pngs(100), None))
         while slow.calls < 2:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -122,8 +121,8 @@ def test_a_cancelled_request_stops_decoding(slow):
 
 def test_concurrent_requests_share_the_decoding_threads(slow):
     async def scenario() -> list[np.ndarray]:
-        shared = servicer(threads=2)
-        return await asyncio.gather(*(shared._decode(pngs(3), FakeContext()) for _ in range(6)))
+        shared = classification(threads=2)
+        return await asyncio.gather(*(shared.decode(pngs(3), None) for _ in range(6)))
 
     results = asyncio.run(scenario())
     assert [result.shape for result in results] == [(3, 28, 28)] * 6

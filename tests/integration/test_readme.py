@@ -1,8 +1,8 @@
 """The README's "Use it" section works as written: its ```bash blocks run with
 `bash -euo pipefail` and its ```python block with this Python, in order, in a fresh
 directory (with `examples/`), against the real server its serve command starts. Only the
-ports change: 8001/8002 in the text become free ones, and MNIST37_GRPC_PORT,
-MNIST37_METRICS_PORT and MNIST37_SERVER point the defaults at them."""
+ports change: 8000/8001/8002 in the text become free ones, and MNIST37_HTTP_PORT,
+MNIST37_GRPC_PORT, MNIST37_METRICS_PORT and MNIST37_SERVER point the defaults at them."""
 
 from __future__ import annotations
 
@@ -47,9 +47,11 @@ def test_use_it_shows_the_newcomer_commands():
     assert len(serve_blocks) == 1 and serve_blocks[0].strip().startswith(SERVE)
 
 
-def localized(code: str, grpc_port: int, metrics_port: int) -> str:
-    code = re.sub(r"\b8001\b", str(grpc_port), code)
-    return re.sub(r"\b8002\b", str(metrics_port), code)
+def localized(code: str, ports: dict[int, int]) -> str:
+    """`code` with each default port of `ports` replaced by its free one."""
+    for default, port in ports.items():
+        code = re.sub(rf"\b{default}\b", str(port), code)
+    return code
 
 
 def run_block(language: str, code: str, cwd: Path, env: dict[str, str]) -> str:
@@ -100,10 +102,13 @@ def test_use_it_commands_run_against_a_real_server(tmp_path):
     blocks = use_it_blocks()
     serve_at = next(i for i, (_, code) in enumerate(blocks) if SERVE in code)
     (tmp_path / "examples").symlink_to(EXAMPLES, target_is_directory=True)
-    grpc_port = free_port()
-    metrics_port = free_port()
-    while metrics_port == grpc_port:
-        metrics_port = free_port()
+    ports: dict[int, int] = {}
+    for default in (8000, 8001, 8002):
+        port = free_port()
+        while port in ports.values():
+            port = free_port()
+        ports[default] = port
+    http_port, grpc_port, metrics_port = ports.values()
     bin_dir = str(Path(sys.executable).parent)
     env = {
         **os.environ,
@@ -111,19 +116,18 @@ def test_use_it_commands_run_against_a_real_server(tmp_path):
         "PYTHONPATH": os.pathsep.join(
             part for part in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if part
         ),
+        "MNIST37_HTTP_PORT": str(http_port),
         "MNIST37_GRPC_PORT": str(grpc_port),
         "MNIST37_METRICS_PORT": str(metrics_port),
         "MNIST37_SERVER": f"127.0.0.1:{grpc_port}",
     }
     outputs = {}
     for language, code in blocks[:serve_at]:  # e.g. training a model to serve
-        outputs[code] = run_block(language, localized(code, grpc_port, metrics_port), tmp_path, env)
-    serve = localized(blocks[serve_at][1], grpc_port, metrics_port)
+        outputs[code] = run_block(language, localized(code, ports), tmp_path, env)
+    serve = localized(blocks[serve_at][1], ports)
     with serving(serve, tmp_path, env, grpc_port) as server:
         for language, code in blocks[serve_at + 1 :]:
-            outputs[code] = run_block(
-                language, localized(code, grpc_port, metrics_port), tmp_path, env
-            )
+            outputs[code] = run_block(language, localized(code, ports), tmp_path, env)
     assert server.process.returncode == 0, server.log()
 
     classify = next(out for code, out in outputs.items() if "mnist37-client classify" in code)

@@ -504,6 +504,8 @@ def test_cuda_device_without_cuda_refuses_to_start(model_repository, tmp_path, r
             "0",
             "--metrics-port",
             "0",
+            "--http-port",
+            "0",
             "--device",
             "cuda",
         ],

@@ -40,6 +40,7 @@ def test_a_busy_grpc_port_is_refused_in_one_line(server, model_repository, log_f
     absl::InitializeLog()", chttp2_server.cc's "Failed to add port") before it."""
     command = [sys.executable, "-m", "serving.server", "--repository", str(model_repository)]
     command += ["--host", "127.0.0.1", "--grpc-port", str(server.port), "--metrics-port", "0"]
+    command += ["--http-port", "0"]
     done = subprocess.run(
         [*command, "--log-format", log_format], capture_output=True, text=True, timeout=60
     )
@@ -52,3 +53,16 @@ def test_a_busy_grpc_port_is_refused_in_one_line(server, model_repository, log_f
         assert (entry["level"], entry["logger"], entry["message"]) == ("error", "serving", refusal)
     else:
         assert line.endswith(f" ERROR serving: {refusal}")
+
+
+def test_a_busy_http_port_is_refused_in_one_line(server, model_repository):
+    command = [sys.executable, "-m", "serving.server", "--repository", str(model_repository)]
+    command += ["--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0"]
+    command += ["--http-port", str(server.http_port), "--log-format", "text"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    (line,) = done.stderr.splitlines()
+    assert line.endswith(
+        f" ERROR serving: refusing to start: cannot listen on 127.0.0.1:{server.http_port} "
+        "(HTTP): Address already in use"
+    )

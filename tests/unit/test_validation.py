@@ -147,3 +147,30 @@ def test_encoding_round_trips_and_honours_requested_outputs(raw):
         pb.ModelInferResponse(), ("probability", "digit"), probability, digit, raw
     )
     np.testing.assert_array_equal(decode_infer_response(both)["probability"], probability)
+
+
+def test_parameters_clients_send_that_change_nothing_are_accepted():
+    """The KServe SDK and tritonclient set `binary_data_size` on an input and `binary_data`
+    on an output; neither changes what a gRPC request means."""
+    request = infer_request(IMAGES)
+    request.inputs[0].parameters["binary_data_size"].int64_param = IMAGES.size
+    request.outputs.add(name="digit").parameters["binary_data"].bool_param = True
+    decoded = decode_infer_request(request, AT_MOST_10)
+    assert decoded.outputs == ("digit",)
+    np.testing.assert_array_equal(decoded.images, IMAGES)
+
+
+def test_refused_parameters_are_named_within_a_bound():
+    request = infer_request(IMAGES)
+    request.inputs[0].parameters["binary_data_size"].int64_param = IMAGES.size
+    for index in range(20):
+        request.inputs[0].parameters[f"p{index:02d}"].bool_param = True
+    request.inputs[0].parameters["x" * 5000].bool_param = True
+    with pytest.raises(InvalidInput) as raised:
+        decode_infer_request(request, AT_MOST_10)
+    message = str(raised.value)
+    assert message.startswith(
+        "inputs[0].parameters: 'p00', 'p01', 'p02', 'p03', 'p04', 'p05', 'p06', 'p07' and"
+    )
+    assert message.endswith("13 more are not supported") and "binary_data_size" not in message
+    assert len(message) < 200
