@@ -9,6 +9,7 @@ its canvases pixel by pixel against serving/explain_render.py's colour scale."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import shutil
@@ -326,6 +327,11 @@ def test_draw_a_seven_and_a_three_and_see_why(browser, server, repository, tmp_p
     expected = vote_colours(weights, vote_limit(weights)).astype(np.int64)
     assert np.abs(canvas_cells(driver, "weights") - expected).max() <= 1
 
+    # From here on every /v1/explain is a drawing's (the weights were fetched): keep
+    # every request's timing, to check that no two were in flight at once.
+    driver.execute_script("performance.setResourceTimingBufferSize(5000)")
+    drawings_from = driver.execute_script("return performance.now()")
+
     # A 7, drawn with the mouse, in one stroke of 20 moves.
     pad = driver.find_element(By.ID, "pad")
     draw(driver, pad, SEVEN, "mouse")
@@ -360,6 +366,22 @@ def test_draw_a_seven_and_a_three_and_see_why(browser, server, repository, tmp_p
     check_against_the_server(driver, server, three)
     check_mnist_shape(image_pixels(three))
     assert three["digit"] == "3"
+    region = vote_map_region(driver, tmp_path / "three.png")
+    assert (region[..., 2] - region[..., 0] > 30).sum() > 1000  # a 3's ink votes 3
+
+    # One request in flight at most: each drawing's request started after the one
+    # before had its answer.
+    requests = driver.execute_script(
+        "return performance.getEntriesByType('resource').filter(e => "
+        "e.name.endsWith('/v1/explain') && e.startTime >= arguments[0])"
+        ".map(e => [e.startTime, e.responseEnd])",
+        drawings_from,
+    )
+    assert len(requests) >= 3  # the 7 (twice: linear, then MLP) and the 3, at least
+    requests.sort()
+    for (_, previous_end), (start, _) in itertools.pairwise(requests):
+        assert start >= previous_end - 0.01, requests
+    print(f"{len(requests)} drawing requests for {len(SEVEN) + len(THREE)} pointer moves")
 
     # A PNG uploaded through the file input: the server converts it, the page shows that.
     example = REPO_ROOT / "examples" / "seven-1.png"
