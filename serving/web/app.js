@@ -269,6 +269,7 @@ function showStatus(message, isError = false) {
 }
 
 function showError(error) {
+  if ($("digit").textContent === "-") $("score").textContent = "No answer: see why below.";
   if (error.status === 401) {
     showStatus("This server needs a bearer token: enter it under Bearer token.", true);
   } else {

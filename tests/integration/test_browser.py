@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 import numpy as np
 import pytest
 import torch
-from helpers import REPO_ROOT, TRAINING_SEED, http_call, train_quickly
+from helpers import REPO_ROOT, TRAINING_SEED, http_call, png, train_quickly
 from leakcheck import survivors
 from PIL import Image
 from selenium import webdriver
@@ -383,6 +383,13 @@ def test_draw_a_seven_and_a_three_and_see_why(browser, server, repository, tmp_p
         assert start >= previous_end - 0.01, requests
     print(f"{len(requests)} drawing requests for {len(SEVEN) + len(THREE)} pointer moves")
 
+    # A PNG the server refuses: its message, and the page goes on.
+    blank_png = tmp_path / "blank.png"
+    blank_png.write_bytes(png(np.full((28, 28), 255, np.uint8)))
+    driver.find_element(By.ID, "upload").send_keys(str(blank_png))
+    wait_for(driver, lambda d: "no ink found" in status_text(d), "say why the PNG was refused")
+    assert driver.find_element(By.ID, "digit").text == "-"
+
     # A PNG uploaded through the file input: the server converts it, the page shows that.
     example = REPO_ROOT / "examples" / "seven-1.png"
     driver.find_element(By.ID, "upload").send_keys(str(example))
@@ -405,7 +412,9 @@ def test_draw_a_seven_and_a_three_and_see_why(browser, server, repository, tmp_p
     )
     assert {"/", "/app.js", "/style.css", "/v1/explain"} <= {urlsplit(u).path for u in loaded}
     assert all(url.startswith(origin + "/") for url in loaded), loaded
-    assert page_errors(driver) == []
+    # No script error, no CSP refusal, no failed load but the blank PNG's 400.
+    errors = page_errors(driver)
+    assert len(errors) == 1 and "/v1/explain" in errors[0] and "400" in errors[0], errors
 
 
 def test_every_control_is_labelled_and_reached_with_the_keyboard(browser, server):
