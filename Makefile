@@ -12,7 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
-# The Debian packages the tests use (prometheus, docker-compose, libb64, curl): installed
+# The Debian packages the tests use (prometheus, docker-compose, libb64, curl, openssl,
+# chromium and chromium-driver): installed
 # with apt-get as root, with sudo otherwise; a clear message if neither works.
 system:
 	bash scripts/setup-system.sh

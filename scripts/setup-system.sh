@@ -6,6 +6,7 @@
 #   libb64.so.0d          perf_analyzer (bundled with tritonclient 2.51) links it
 #   curl                  the README's "use it" commands
 #   openssl               makes the certificates of the TLS tests
+#   chromium, chromedriver  the web page's real-browser test (chromium, chromium-driver)
 # As root it runs apt-get; otherwise sudo (without a password prompt, unless a terminal can
 # ask); otherwise it says what to install and fails.
 set -euo pipefail
@@ -17,6 +18,8 @@ need_command promtool prometheus
 need_command docker-compose docker-compose
 need_command curl curl
 need_command openssl openssl
+need_command chromium chromium
+need_command chromedriver chromium-driver
 if ! /sbin/ldconfig -p 2>/dev/null | grep -q 'libb64\.so\.0d'; then
     missing+=(libb64-0d)
 fi

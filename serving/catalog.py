@@ -128,6 +128,9 @@ class Catalog:
             default_model_filename=MODEL_FILE,
             parameters={
                 "execution_provider": config_pb.ModelParameter(string_value=model.provider),
+                # The model card's architecture ("linear", "mlp"; "" if it names none): the
+                # web page shows a linear model's weights, which only it has.
+                "architecture": config_pb.ModelParameter(string_value=model.architecture),
                 "max_batch_size_per_execution": config_pb.ModelParameter(
                     string_value=str(model.batcher.max_batch_size)
                 ),

@@ -59,6 +59,7 @@ from serving.rest.classify import ClassifyEndpoint
 from serving.rest.edge import Route
 from serving.rest.oip import InferenceEndpoints
 from serving.rest.server import HttpServer, HttpSettings
+from serving.rest.web import WebPage
 from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_providers
 
 log = logging.getLogger("serving")
@@ -199,11 +200,13 @@ class InferenceServer:
             ) from error
 
     def http_routes(self) -> list[Route]:
-        """Every HTTP endpoint, on this server's data plane, catalog and classification."""
+        """Every HTTP endpoint, on this server's data plane, catalog and classification,
+        and the web page that calls them."""
         limits = self.http_settings.body_limits
         return [
             *InferenceEndpoints(self.dataplane, self.catalog, limits).routes(),
             *ClassifyEndpoint(self.classification, limits).routes(),
+            *WebPage().routes(),
         ]
 
     def _load_version(self, model_version: ModelVersion) -> LoadedModel:

@@ -10,8 +10,10 @@ the model) or JSON (`application/json`):
 `{"predictions": [{"digit", "probability_seven", "model_name", "model_version"}, ...]}`.
 `/v1/explain` takes the same request and answers, per image, its pixel votes:
 `{"explanations": [{"contributions": [784 floats, row-major], "bias_term", "logit",
-"probability_seven", "digit", "model_name", "model_version"}, ...]}` (the logit is the sum
-of the contributions plus the bias term); 409 if the version has no explanation graph.
+"probability_seven", "digit", "model_name", "model_version", "pixels": [784 integers]},
+...]}` (the logit is the sum of the contributions plus the bias term; `pixels` the image
+the votes are about, a PNG as the server converted it, like gRPC's); 409 if the version
+has no explanation graph.
 Unknown fields are refused: this is our own API, and a misspelt field is a mistake.
 """
 
@@ -70,8 +72,8 @@ class ClassifyEndpoint:
         return json_response(message_json(response))
 
     async def explain(self, request: web.Request, call: HttpCall) -> web.Response:
-        result, _ = await self.classification.explain(call, await self._request(request))
-        return json_response(_explanations_json(result))
+        result, images = await self.classification.explain(call, await self._request(request))
+        return json_response(_explanations_json(result, images))
 
     async def _request(self, request: web.Request) -> pb.ClassifyRequest:
         """The body as the ClassifyRequest both endpoints take."""
@@ -128,10 +130,12 @@ def _pixels(values: list[Any], path: str) -> bytes:
     return bytes(values)
 
 
-def _explanations_json(result: ExplanationResult) -> dict[str, object]:
-    """The explanations as JSON: float32 values written shortest (orjson's numpy support)."""
+def _explanations_json(result: ExplanationResult, images: np.ndarray) -> dict[str, object]:
+    """The explanations as JSON: float32 values written shortest and the uint8 pixels as
+    integers (orjson's numpy support)."""
     count = len(result.digit)
     votes = np.ascontiguousarray(result.contributions, dtype=np.float32).reshape(count, PIXELS)
+    pixels = np.ascontiguousarray(images, dtype=np.uint8).reshape(count, PIXELS)
     return {
         "explanations": [
             {
@@ -142,6 +146,7 @@ def _explanations_json(result: ExplanationResult) -> dict[str, object]:
                 "digit": int(result.digit[index]),
                 "model_name": result.model_name,
                 "model_version": result.model_version,
+                "pixels": pixels[index],
             }
             for index in range(count)
         ]

@@ -51,6 +51,7 @@ class Route:
     handler: Handler
     inference: bool = False  # in flight for the drain, refused once it stops accepting
     health: bool = False  # a probe: open without a token when the server says so
+    public: bool = False  # open without a token always: the web page's files carry no secret
 
 
 @dataclass(frozen=True, slots=True)

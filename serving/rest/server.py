@@ -3,8 +3,10 @@
 Every request runs in an `HttpCall` (metrics, logs, in-flight count and drain, error
 answers); a path or method no route has is answered 404 or 405 the same way (by catch-all
 routes), under the one rpc name "_unknown" so that clients cannot create label values.
-With a `TokenFile`, every endpoint but the health ones (when `open_health`) needs
-`Authorization: Bearer <token>` and answers 401 without it, before reading any body.
+With a `TokenFile`, every endpoint but the health ones (when `open_health`) and the web
+page's files (`Route.public`: they carry no secret, and a browser cannot send a token when
+it opens a page) needs `Authorization: Bearer <token>` and answers 401 without it, before
+reading any body.
 """
 
 from __future__ import annotations
@@ -142,12 +144,12 @@ class HttpServer:
 
     def _endpoint(self, route: Route, guarded: bool = True):
         """`route`'s handler in an HttpCall; `guarded`: behind the token check (unless a
-        health route and `open_health`)."""
+        public route, or a health route and `open_health`)."""
 
         async def handle(request: web.Request) -> web.StreamResponse:
             call = HttpCall(self.dataplane, self.edge, route.rpc, request, route.inference)
             async with call:
-                if guarded and not (route.health and self.open_health):
+                if guarded and not (route.public or (route.health and self.open_health)):
                     self._authorize(request)
                 return await route.handler(request, call)
             return call.answer()  # reached only when the call failed: HttpCall kept it

@@ -687,7 +687,9 @@ def test_explain_over_http_answers_what_grpc_explain_does(http_server, stubs, te
             "digit",
             "model_name",
             "model_version",
+            "pixels",
         }
+        assert got["pixels"] == list(want.pixels)  # a PNG as the server converted it
         votes = np.array(got["contributions"], np.float32)
         np.testing.assert_array_equal(votes, np.frombuffer(want.contributions, "<f4"))
         for name in ("bias_term", "logit", "probability_seven"):

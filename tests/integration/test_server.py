@@ -66,6 +66,7 @@ def test_model_config_reports_batching_and_the_real_provider(oip):
     assert config.max_batch_size == MAX_IMAGES
     assert list(config.input[0].dims) == [28, 28]
     assert config.parameters["execution_provider"].string_value == "CPUExecutionProvider"
+    assert config.parameters["architecture"].string_value == "linear"  # the model card's
     assert config.HasField("dynamic_batching")
     assert config.dynamic_batching.preferred_batch_size == [64]
 

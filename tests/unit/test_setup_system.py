@@ -48,7 +48,14 @@ def test_as_root_the_missing_packages_are_installed_with_apt_get(tmp_path):
     assert update == "update -q"
     assert install.startswith("install -y -q --no-install-recommends")
     packages = install.split("--no-install-recommends")[1].split()
-    assert {"prometheus", "docker-compose", "curl", "openssl"} <= set(packages)
+    assert {
+        "prometheus",
+        "docker-compose",
+        "curl",
+        "openssl",
+        "chromium",
+        "chromium-driver",
+    } <= set(packages)
     assert packages.count("prometheus") == 1  # prometheus and promtool: one package
 
 
