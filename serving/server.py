@@ -43,7 +43,7 @@ from serving.config import ServerConfig, load_config
 from serving.console import console_script
 from serving.contract import PIXELS
 from serving.dataplane import DataPlane
-from serving.edge import EdgeState
+from serving.edge import GRPC, EdgeState
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
 from serving.handlers import add_service
@@ -278,7 +278,7 @@ class InferenceServer:
         observer = self.dataplane.observer
 
         def refused(rpc: str) -> None:
-            observer.rpc_finished(rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+            observer.rpc_finished(GRPC, rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
 
         open_methods = () if self.config.protect_health else HEALTH_METHODS
         return [AuthInterceptor(self.tokens, open_methods, refused)]
@@ -291,7 +291,7 @@ class InferenceServer:
         observer = self.dataplane.observer
 
         def malformed(rpc: str, seconds: float) -> None:
-            observer.rpc_finished(rpc, "", "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
+            observer.rpc_finished(GRPC, rpc, "", "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
 
         inference = InferenceServicer(self.dataplane, self.edge, self.catalog)
         classifier = ClassifierServicer(self.dataplane, self.edge, self.classification)
