@@ -2,8 +2,9 @@
 the same answers and predictions as gRPC, bad requests refused with their status and
 message (and the next request served), HTTP and gRPC requests in the same batches.
 
-tritonclient.http is not used: it needs gevent and geventhttpclient, which the dev
-environment does not install; requests are built as it builds them (tests/helpers.py)."""
+Requests are built here as tritonclient.http builds them (tests/helpers.py), to control
+every byte; tritonclient.http itself classifies the whole test set in
+test_tritonclient_http.py, and the KServe SDK drives both protocols in test_kserve_client.py."""
 
 from __future__ import annotations
 
