@@ -18,8 +18,14 @@ import pytest
 from serving.repository import latest_version
 from serving.runtime import ModelRuntime
 
-# (input binary, outputs binary): the four ways tritonclient.http can send a request.
-MODES = [(True, True), (False, False), (True, False), (False, True)]
+# (input binary, outputs binary): the ways tritonclient.http can send a request; None: no
+# outputs named, and tritonclient asks for every output in binary (binary_data_output).
+MODES = [(True, True), (False, False), (True, False), (False, True), (True, None), (False, None)]
+
+
+def key(binary_input: bool, binary_output: bool | None) -> str:
+    return f"{int(binary_input)}{'-' if binary_output is None else int(binary_output)}"
+
 
 _CLIENT = """
 import json, sys
@@ -38,20 +44,20 @@ with triton.InferenceServerClient(address, concurrency=4) as client:
     starts = range(0, len(images), batch)
     found, ids = {}, []
     for binary_input, binary_output in modes:
+        key = f"{int(binary_input)}{'-' if binary_output is None else int(binary_output)}"
         pending = []
         for start in starts:
             tensor = triton.InferInput("images", list(images[start : start + batch].shape), "UINT8")
             tensor.set_data_from_numpy(images[start : start + batch], binary_data=binary_input)
-            outputs = [
+            outputs = None if binary_output is None else [
                 triton.InferRequestedOutput(name, binary_data=binary_output)
                 for name in ("probability", "digit")
             ]
-            request_id = f"{int(binary_input)}{int(binary_output)}-{start}"
+            request_id = f"{key}-{start}"
             pending.append(
                 client.async_infer("mnist37", [tensor], outputs=outputs, request_id=request_id)
             )
         results = [call.get_result() for call in pending]
-        key = f"{int(binary_input)}{int(binary_output)}"
         for name in ("probability", "digit"):
             found[f"{key}-{name}"] = np.concatenate([r.as_numpy(name) for r in results])
         ids += [r.get_response()["id"] for r in results]
@@ -94,21 +100,22 @@ def test_tritonclient_http_classifies_every_test_digit_as_offline(
     summary = json.loads(completed.stdout)
     assert summary["batch"] == 64 and summary["requests"] == 32  # 31 of 64 and one of 54
     assert summary["ids"] == [
-        f"{int(i)}{int(o)}-{start}" for i, o in MODES for start in range(0, 2038, 64)
+        f"{key(*mode)}-{start}" for mode in MODES for start in range(0, 2038, 64)
     ]
 
     probability, digit = offline.predict(images)
     offline_accuracy = float((digit == labels).mean())
     assert offline_accuracy > 0.9
     found = np.load(tmp_path / "found.npz")
-    for binary_input, binary_output in MODES:
-        key = f"{int(binary_input)}{int(binary_output)}"
-        served = found[f"{key}-digit"]
-        assert served.dtype == np.int64 and served.shape == (2038,), key
-        np.testing.assert_array_equal(served, digit, err_msg=key)
-        assert float((served == labels).mean()) == offline_accuracy, key
+    for mode in MODES:
+        name = key(*mode)
+        served = found[f"{name}-digit"]
+        assert served.dtype == np.int64 and served.shape == (2038,), name
+        np.testing.assert_array_equal(served, digit, err_msg=name)
+        assert float((served == labels).mean()) == offline_accuracy, name
         # float32 both ways: raw bytes, or JSON numbers that read back to the same float32
-        assert found[f"{key}-probability"].dtype == np.float32, key
-        np.testing.assert_array_equal(found[f"{key}-probability"], probability, err_msg=key)
-        # the server answered in the form asked for
-        assert found[f"{key}-binary"].tolist() == [binary_output, binary_output], key
+        assert found[f"{name}-probability"].dtype == np.float32, name
+        np.testing.assert_array_equal(found[f"{name}-probability"], probability, err_msg=name)
+        # the server answered in the form asked for (binary when no output was named)
+        binary = mode[1] is not False
+        assert found[f"{name}-binary"].tolist() == [binary, binary], name
