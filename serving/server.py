@@ -114,6 +114,9 @@ class InferenceServer:
         except ValueError as error:
             raise StartupError(str(error)) from error
         self.health = health.aio.HealthServicer()
+        # Every port (gRPC, HTTP, metrics) listens: only then may readiness say SERVING, so
+        # a health check over gRPC (compose, Kubernetes) also vouches for the HTTP port.
+        self._listening = False
         self.reloader = ModelReloader(
             config.repository,
             self.registry,
@@ -155,6 +158,8 @@ class InferenceServer:
         # Live from the first answer on, whether or not a model is loaded: a restart would
         # not load one. Only the drain (enter_graceful_shutdown) turns it NOT_SERVING.
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Not ready until every port listens (grpcio's servicer starts "" as SERVING).
+        await self._update_health()
         await self.grpc_server.start()
         await self._start_http()
         if self.observer is not None:
@@ -165,6 +170,7 @@ class InferenceServer:
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
                     f"{error.strerror}"
                 ) from error
+        self._listening = True
         await self._update_health()
         log.info(
             "serving %d model version(s) on %s (gRPC), %s (HTTP), metrics on %s",
@@ -320,17 +326,18 @@ class InferenceServer:
 
     async def _update_health(self) -> None:
         """SERVING for each model with a loaded version, NOT_SERVING for the other models
-        seen; the server and its services are SERVING while any model is. `liveness` is
-        not touched here (see start)."""
+        seen; the server and its services are SERVING while any model is, once every port
+        listens. `liveness` is not touched here (see start)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        overall = serving if self.registry.is_ready() else not_serving
+        overall = serving if self._listening and self.registry.is_ready() else not_serving
         for service in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
             await self.health.set(service, overall)
         for name in self.reloader.known_models:
             if name in SERVER_HEALTH_SERVICES:
                 continue
-            await self.health.set(name, serving if self.registry.versions(name) else not_serving)
+            loaded = self._listening and self.registry.versions(name)
+            await self.health.set(name, serving if loaded else not_serving)
 
     async def _until_quiet(
         self, quiet: Callable[[], bool], until: float, force: asyncio.Event

@@ -10,8 +10,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import make_certificates, rest_infer_body
 
 from serving.access import TokenFile
@@ -56,6 +58,55 @@ def requests(server: InferenceServer, metric: str = "mnist37_requests_total", **
 
 def run(scenario) -> None:
     asyncio.run(scenario())
+
+
+def test_readiness_turns_serving_only_once_the_http_port_listens(
+    model_repository, http_port, monkeypatch
+):
+    """Compose's healthcheck and Kubernetes' probes ask the gRPC health service: while the
+    HTTP port is not listening yet, readiness ("" and the models) must say NOT_SERVING
+    (liveness may already say SERVING); once it listens, SERVING."""
+    seen: dict[str, str] = {}
+    listen = HttpServer.start
+
+    async def check(target: str, service: str) -> str:
+        async with grpc.aio.insecure_channel(target) as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+    async def start_seen_from_a_probe(http: HttpServer) -> None:
+        target = f"127.0.0.1:{started.port}"  # gRPC listens already
+        for service in ("", "mnist37", "liveness"):
+            seen[service] = await check(target, service)
+        await listen(http)
+
+    monkeypatch.setattr(HttpServer, "start", start_seen_from_a_probe)
+    started = InferenceServer(
+        ServerConfig(
+            repository=model_repository,
+            host="127.0.0.1",
+            grpc_port=0,
+            http_port=http_port,
+            metrics_port=0,
+            poll_interval=0.0,
+        )
+    )
+
+    async def scenario() -> None:
+        await started.start()
+        try:
+            assert seen == {"": "NOT_SERVING", "mnist37": "NOT_SERVING", "liveness": "SERVING"}
+            target = f"127.0.0.1:{started.port}"
+            assert [await check(target, service) for service in ("", "mnist37")] == [
+                "SERVING",
+                "SERVING",
+            ]
+        finally:
+            await started.drain_and_stop()
+
+    run(scenario)
 
 
 def test_http_requests_are_observed_like_rpcs_with_bounded_labels(model_repository, http_port):
