@@ -1,8 +1,8 @@
 """The edge every servicer shares, gRPC's and HTTP's.
 
 Every request runs inside one `EdgeCall` (`RpcCall` for gRPC, `serving.rest.edge.HttpCall`
-for HTTP), which turns a `ServingError` into its status, counts the request by status code
-with its model and version (bounded labels), times it, and logs it once if it failed
+for HTTP), which turns a `ServingError` into its status, counts the request by protocol and
+status code with its model and version (bounded labels), times it, and logs it once if it failed
 (rate-limited per RPC and code). An inference request refused (invalid, or an Explain of a
 version that cannot explain) after its model was resolved also counts as failed in that
 model's Triton statistics.
@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import grpc
 
@@ -50,6 +51,9 @@ log = logging.getLogger("serving.rpc")
 
 UNKNOWN_MODEL = "_unknown"
 MAX_LOGGED_NAME = 100
+# The `protocol` label of the request metrics: which edge answered, never anything else.
+GRPC = "grpc"
+HTTP = "http"
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,7 +146,10 @@ class EdgeCall:
     `call.resolve(name, version)` finds the model (and labels the request with it); raising
     a `ServingError` answers with its status. With `inference=True` the request counts as
     in flight in `edge`, which a graceful drain waits for, and is refused once the drain
-    stopped accepting. Protocol-free: a subclass answers the outcome `_finish` returns."""
+    stopped accepting. Protocol-free: a subclass answers the outcome `_finish` returns, and
+    names its protocol (`GRPC` or `HTTP`) for the metrics."""
+
+    protocol: ClassVar[str]
 
     __slots__ = (
         "_dataplane",
@@ -203,14 +210,18 @@ class EdgeCall:
         if self._inference:
             self._edge.in_flight -= 1
         if error is None:
-            self._dataplane.observer.rpc_finished(self.rpc, self.model, self.version, "OK", seconds)
+            self._dataplane.observer.rpc_finished(
+                self.protocol, self.rpc, self.model, self.version, "OK", seconds
+            )
             return OK, ""
         outcome = self._outcome(error, seconds)
         if outcome is None:
             return None
         status, details = outcome
         observer = self._dataplane.observer
-        observer.rpc_finished(self.rpc, self.model, self.version, status.code.name, seconds)
+        observer.rpc_finished(
+            self.protocol, self.rpc, self.model, self.version, status.code.name, seconds
+        )
         self._log_failure(status, details, error)
         return outcome
 
@@ -267,6 +278,7 @@ class RpcCall(EdgeCall):
     whole handling: an `EdgeCall` that answers a failure by aborting the RPC with its
     status code."""
 
+    protocol = GRPC
     __slots__ = ("_context",)
 
     def __init__(

@@ -54,14 +54,14 @@ class PrometheusObserver:
         self.registry = registry or CollectorRegistry()
         self.requests = Counter(
             "mnist37_requests",
-            "RPCs answered, by gRPC status code",
-            ["rpc", "model", "version", "code"],
+            "Requests answered (gRPC and HTTP), by gRPC status code",
+            ["protocol", "rpc", "model", "version", "code"],
             registry=self.registry,
         )
         self.request_duration = Histogram(
             "mnist37_request_duration_seconds",
-            "Server-side time from receiving an RPC to answering it, errors included",
-            ["rpc", "model"],
+            "Server-side time from receiving a request to answering it, errors included",
+            ["protocol", "rpc", "model"],
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
@@ -118,7 +118,7 @@ class PrometheusObserver:
         )
         self._probability_bounds = np.array([*PROBABILITY_BUCKETS, float("inf")], dtype=np.float64)
         self._latency_bounds = np.array([*LATENCY_BUCKETS, float("inf")], dtype=np.float64)
-        self._rpc_series: dict[tuple[str, str, str, str], _RpcSeries] = {}
+        self._rpc_series: dict[tuple[str, str, str, str, str], _RpcSeries] = {}
         self._version_series: dict[tuple[str, str], _VersionSeries] = {}
         self._batch_series: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] = {}
         self._server: WSGIServer | None = None
@@ -129,13 +129,15 @@ class PrometheusObserver:
     def watch_in_flight(self, read: Callable[[], int]) -> None:
         self.in_flight.set_function(read)
 
-    def rpc_finished(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
-        key = (rpc, model, version, code)
+    def rpc_finished(
+        self, protocol: str, rpc: str, model: str, version: str, code: str, seconds: float
+    ) -> None:
+        key = (protocol, rpc, model, version, code)
         series = self._rpc_series.get(key)
         if series is None:
             series = self._rpc_series[key] = _RpcSeries(
-                self.requests.labels(rpc, model, version, code),
-                self.request_duration.labels(rpc, model),
+                self.requests.labels(protocol, rpc, model, version, code),
+                self.request_duration.labels(protocol, rpc, model),
             )
         series.requests.inc()
         series.duration.observe(seconds)
@@ -203,7 +205,7 @@ class PrometheusObserver:
         that ends is no problem; one that is re-created later starts again from 0)."""
         with contextlib.suppress(KeyError):  # never reported as loaded
             self.model_info.remove(model, version, arch, provider)
-        for key in [key for key in list(self._rpc_series) if key[1:3] == (model, version)]:
+        for key in [key for key in list(self._rpc_series) if key[2:4] == (model, version)]:
             del self._rpc_series[key]
             self.requests.remove(*key)
         if self._version_series.pop((model, version), None) is not None:

@@ -47,7 +47,7 @@ def find_perf_analyzer(distribution: str = DISTRIBUTION) -> Path:
     except metadata.PackageNotFoundError:
         raise PerfAnalyzerUnavailable(
             f"{distribution} is not installed, and perf_analyzer comes with it: "
-            "pip install -e '.[dev]' (tritonclient[grpc]==2.51.0)"
+            "pip install -e '.[dev]' (tritonclient[grpc,http]==2.51.0)"
         ) from None
     for file in dist.files or ():
         path = Path(dist.locate_file(file))

@@ -43,7 +43,7 @@ from serving.config import ServerConfig, load_config
 from serving.console import console_script
 from serving.contract import PIXELS
 from serving.dataplane import DataPlane
-from serving.edge import EdgeState
+from serving.edge import GRPC, EdgeState
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.mnist37.v1 import classifier_pb2 as classifier_pb
 from serving.handlers import add_service
@@ -115,6 +115,9 @@ class InferenceServer:
         except ValueError as error:
             raise StartupError(str(error)) from error
         self.health = health.aio.HealthServicer()
+        # Every port (gRPC, HTTP, metrics) listens: only then may readiness say SERVING, so
+        # a health check over gRPC (compose, Kubernetes) also vouches for the HTTP port.
+        self._listening = False
         self.reloader = ModelReloader(
             config.repository,
             self.registry,
@@ -156,6 +159,8 @@ class InferenceServer:
         # Live from the first answer on, whether or not a model is loaded: a restart would
         # not load one. Only the drain (enter_graceful_shutdown) turns it NOT_SERVING.
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        # Not ready until every port listens (grpcio's servicer starts "" as SERVING).
+        await self._update_health()
         await self.grpc_server.start()
         await self._start_http()
         if self.observer is not None:
@@ -166,6 +171,7 @@ class InferenceServer:
                     f"cannot serve metrics on {config.metrics_host}:{config.metrics_port}: "
                     f"{error.strerror}"
                 ) from error
+        self._listening = True
         await self._update_health()
         log.info(
             "serving %d model version(s) on %s (gRPC), %s (HTTP), metrics on %s",
@@ -281,7 +287,7 @@ class InferenceServer:
         observer = self.dataplane.observer
 
         def refused(rpc: str) -> None:
-            observer.rpc_finished(rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
+            observer.rpc_finished(GRPC, rpc, "", "", grpc.StatusCode.UNAUTHENTICATED.name, 0.0)
 
         open_methods = () if self.config.protect_health else HEALTH_METHODS
         return [AuthInterceptor(self.tokens, open_methods, refused)]
@@ -294,7 +300,7 @@ class InferenceServer:
         observer = self.dataplane.observer
 
         def malformed(rpc: str, seconds: float) -> None:
-            observer.rpc_finished(rpc, "", "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
+            observer.rpc_finished(GRPC, rpc, "", "", grpc.StatusCode.INVALID_ARGUMENT.name, seconds)
 
         inference = InferenceServicer(self.dataplane, self.edge, self.catalog)
         classifier = ClassifierServicer(self.dataplane, self.edge, self.classification)
@@ -323,17 +329,18 @@ class InferenceServer:
 
     async def _update_health(self) -> None:
         """SERVING for each model with a loaded version, NOT_SERVING for the other models
-        seen; the server and its services are SERVING while any model is. `liveness` is
-        not touched here (see start)."""
+        seen; the server and its services are SERVING while any model is, once every port
+        listens. `liveness` is not touched here (see start)."""
         serving = health_pb2.HealthCheckResponse.SERVING
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-        overall = serving if self.registry.is_ready() else not_serving
+        overall = serving if self._listening and self.registry.is_ready() else not_serving
         for service in ("", OIP_SERVICE, CLASSIFIER_SERVICE):
             await self.health.set(service, overall)
         for name in self.reloader.known_models:
             if name in SERVER_HEALTH_SERVICES:
                 continue
-            await self.health.set(name, serving if self.registry.versions(name) else not_serving)
+            loaded = self._listening and self.registry.versions(name)
+            await self.health.set(name, serving if loaded else not_serving)
 
     async def _until_quiet(
         self, quiet: Callable[[], bool], until: float, force: asyncio.Event

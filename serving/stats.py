@@ -93,13 +93,16 @@ class InferenceStats:
 class InferenceObserver(Protocol):
     """Receives what happens at the service's edges (a metrics exporter implements it).
 
-    Label values passed in are already bounded by the caller: `model` is a loaded model's
-    name, "_unknown" or "" (no model involved), `version` a loaded version or "", `code` a
-    `grpc.StatusCode` name. Called on the event loop thread, except `model_*`, which a
-    loader may call from any thread."""
+    Label values passed in are already bounded by the caller: `protocol` is "grpc" or "http"
+    (`serving.edge.GRPC`, `HTTP`), `model` a loaded model's name, "_unknown" or "" (no model
+    involved), `version` a loaded version or "", `code` a `grpc.StatusCode` name. Called on
+    the event loop thread, except `model_*`, which a loader may call from any thread."""
 
-    def rpc_finished(self, rpc: str, model: str, version: str, code: str, seconds: float) -> None:
-        """One RPC ended with status `code` after `seconds` on the server."""
+    def rpc_finished(
+        self, protocol: str, rpc: str, model: str, version: str, code: str, seconds: float
+    ) -> None:
+        """One request ended with status `code` after `seconds` on the server; `rpc` names
+        the RPC it answers like over `protocol`."""
 
     def predictions_made(
         self, model: str, version: str, probability: np.ndarray, digit: np.ndarray

@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
 from serving.dataplane import DataPlane
-from serving.edge import EdgeCall, EdgeState, Outcome, Status
+from serving.edge import HTTP, EdgeCall, EdgeState, Outcome, Status
 from serving.errors import (
     ClientGone,
     InvalidInput,
@@ -64,6 +64,7 @@ class HttpCall(EdgeCall):
     """One HTTP request's `EdgeCall`. A failure is accounted for like an RPC's and then
     kept, not raised: the endpoint answers it with `answer()`."""
 
+    protocol = HTTP
     __slots__ = ("_request", "failure")
 
     def __init__(

@@ -2,8 +2,11 @@
 (model configuration, statistics, repository index, binary tensor data).
 
 Each endpoint answers what its gRPC RPC answers (`serving.catalog` builds both), as JSON.
-Health and readiness are the status alone, as the protocol says: 200 for true, 400 for
-false, no body.
+Health and readiness answer with their status, as the protocol says (200 for true, 400 for
+false), and a JSON body that says the same (`{"live": true}`, `{"ready": false}`,
+`{"name": "mnist37", "ready": true}`): the protocol asks for no body, Triton's clients read
+the status only, and the KServe SDK reads the body (`is_server_live()` fails on an empty
+one), as KServe's own server sends it.
 """
 
 from __future__ import annotations
@@ -30,8 +33,9 @@ MODEL = "/v2/models/{model}"
 VERSION = MODEL + "/versions/{version}"
 
 
-def _status(true: bool) -> web.Response:
-    return web.Response(status=200 if true else 400)
+def _status(answer: dict[str, object], true: bool) -> web.Response:
+    """`answer` as JSON, with the status that says `true` or false."""
+    return json_response(answer, 200 if true else 400)
 
 
 def _model(request: web.Request) -> tuple[str, str]:
@@ -66,13 +70,16 @@ class InferenceEndpoints:
         return routes
 
     async def server_live(self, request: web.Request, call: HttpCall) -> web.Response:
-        return _status(True)
+        return _status({"live": True}, True)
 
     async def server_ready(self, request: web.Request, call: HttpCall) -> web.Response:
-        return _status(self.catalog.server_ready())
+        ready = self.catalog.server_ready()
+        return _status({"ready": ready}, ready)
 
     async def model_ready(self, request: web.Request, call: HttpCall) -> web.Response:
-        return _status(self.catalog.model_ready(call, *_model(request)))
+        name, version = _model(request)
+        ready = self.catalog.model_ready(call, name, version)
+        return _status({"name": name, "ready": ready}, ready)
 
     async def server_metadata(self, request: web.Request, call: HttpCall) -> web.Response:
         return json_response(message_json(self.catalog.server_metadata()))

@@ -22,7 +22,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 from serving.access import TokenFile
 from serving.config import HTTP_MAX_BODY_BYTES, ServerConfig
 from serving.dataplane import DataPlane
-from serving.edge import EdgeState
+from serving.edge import HTTP, EdgeState
 from serving.errors import MethodNotAllowed, Unauthenticated, UnknownEndpoint, shown
 from serving.logs import bounded
 from serving.rest.edge import BodyLimits, Handler, HttpCall, Route, expect_later
@@ -193,7 +193,7 @@ class _UnparsedRequests(logging.LoggerAdapter):
             super().log(level, msg, *args, **kwargs)
             return
         code = "INVALID_ARGUMENT"
-        self._dataplane.observer.rpc_finished(UNKNOWN_RPC, "", "", code, 0.0)
+        self._dataplane.observer.rpc_finished(HTTP, UNKNOWN_RPC, "", "", code, 0.0)
         if self._edge.failure_log.allow(UNKNOWN_RPC, code, logging.WARNING):
             rpc_log.warning(
                 "%s failed: %s (HTTP 400): the request is not valid HTTP: %s",

@@ -48,6 +48,7 @@ from helpers import REPO_ROOT
 
 from serving.config import ServerConfig, build_parser, env_var, load_config
 from serving.healthcheck import LIVENESS_SERVICE
+from serving.rest.oip import InferenceEndpoints
 
 ROOT = REPO_ROOT
 DEPLOY = ROOT / "deploy"
@@ -58,6 +59,7 @@ DOCKERFILES = [DEPLOY / "Dockerfile", DEPLOY / "Dockerfile.gpu"]
 # timeZone are GA from 1.27, Job podFailurePolicy is on by default from 1.26.
 K8S_VERSIONS = ["1.30.0", "1.37.0"]
 CRD_KINDS = {"ServiceMonitor", "InferenceService"}
+READY_PATH = "/v2/health/ready"  # the Open Inference Protocol's server readiness, over HTTP
 NOT_A_RESOURCE = {"kustomization.yaml"}
 # Every variable mnist37-serve reads: one per ServerConfig field (HTTP's too).
 SERVER_VARIABLES = {env_var(field.name) for field in fields(ServerConfig)}
@@ -499,9 +501,12 @@ def _inferenceservice_validator() -> jsonschema.protocols.Validator:
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
-def test_inferenceservice_validates_and_speaks_the_open_inference_protocol() -> None:
+@pytest.mark.parametrize("name", ["mnist37", "mnist37-grpc"])
+def test_inferenceservice_validates_and_speaks_the_open_inference_protocol(name: str) -> None:
+    """Two predictors, one protocol each (Knative routes one port a container): HTTP (KServe's
+    v2 REST) on the server's HTTP port, readiness over HTTP; gRPC (h2c) on its gRPC port."""
     validator = _inferenceservice_validator()
-    document = manifest("InferenceService")
+    document = manifest("InferenceService", name)
     errors = [f"{list(e.absolute_path)}: {e.message}" for e in validator.iter_errors(document)]
     assert not errors, errors
     broken = copy.deepcopy(document)
@@ -513,12 +518,26 @@ def test_inferenceservice_validates_and_speaks_the_open_inference_protocol() -> 
     assert set(env) <= SERVER_VARIABLES
     config = load_config(container["command"][1:], env)
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"h2c": config.grpc_port}  # KServe routes gRPC (h2c) to this port
-    assert container["readinessProbe"]["grpc"]["port"] == config.grpc_port
+    probe = container["readinessProbe"]
+    if name == "mnist37":
+        # Knative's port name for HTTP/1.1; the port the server's HTTP edge listens on
+        assert ports == {"http1": config.http_port} and config.http_port == 8000
+        assert probe["httpGet"] == {"path": READY_PATH, "port": config.http_port}
+    else:
+        assert ports == {"h2c": config.grpc_port}  # KServe routes gRPC (h2c) to this port
+        assert probe["grpc"]["port"] == config.grpc_port
     claims = {
         v["persistentVolumeClaim"]["claimName"] for v in document["spec"]["predictor"]["volumes"]
     }
     assert claims == {manifest("PersistentVolumeClaim", "mnist37-models")["metadata"]["name"]}
+
+
+def test_the_http_readiness_path_is_the_servers_readiness_endpoint() -> None:
+    """The path an HTTP probe asks is a health route of the server that answers like
+    ServerReady (200 once a model is loaded; test_http.py checks the answers)."""
+    routes = InferenceEndpoints(None, None, None).routes()  # type: ignore[arg-type]
+    (ready,) = [r for r in routes if r.path == READY_PATH]
+    assert (ready.method, ready.rpc, ready.health) == ("GET", "ServerReady", True)
 
 
 def _pod(kind: str, name: str | None = None) -> dict[str, Any]:
@@ -573,6 +592,17 @@ def test_service_hpa_pdb_and_servicemonitor_select_the_server_pods() -> None:
     for service in (manifest("Service", "mnist37"), manifest("Service", "mnist37-headless")):
         assert service["spec"]["selector"].items() <= labels.items()
         assert {p["targetPort"] for p in service["spec"]["ports"]} <= port_names
+    # The Service exposes every port of the server, HTTP's too, at the container's number.
+    config = load_config(container["command"][1:], k8s_env(container))
+    exposed = {
+        p["targetPort"]: (p["port"], p["appProtocol"])
+        for p in manifest("Service", "mnist37")["spec"]["ports"]
+    }
+    assert exposed == {
+        "http": (config.http_port, "http"),
+        "grpc": (config.grpc_port, "kubernetes.io/h2c"),
+        "metrics": (config.metrics_port, "http"),
+    }
     assert manifest("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= (
         labels.items()
     )

@@ -2,8 +2,9 @@
 the same answers and predictions as gRPC, bad requests refused with their status and
 message (and the next request served), HTTP and gRPC requests in the same batches.
 
-tritonclient.http is not used: it needs gevent and geventhttpclient, which the dev
-environment does not install; requests are built as it builds them (tests/helpers.py)."""
+Requests are built here as tritonclient.http builds them (tests/helpers.py), to control
+every byte; tritonclient.http itself classifies the whole test set in
+test_tritonclient_http.py, and the KServe SDK drives both protocols in test_kserve_client.py."""
 
 from __future__ import annotations
 
@@ -82,16 +83,22 @@ def curl(server: ServerProcess, path: str, *options: str) -> tuple[int, dict[str
 
 
 def test_curl_health_and_readiness(http_server):
-    for path, status in (
-        ("/v2/health/live", 200),
-        ("/v2/health/ready", 200),
-        ("/v2/models/mnist37/ready", 200),
-        ("/v2/models/mnist37/versions/2/ready", 200),
-        ("/v2/models/mnist37/versions/1/ready", 400),  # on disk, outside the version policy
-        ("/v2/models/nope/ready", 400),
+    """The status says it (Triton's clients read it), and so does a JSON body (the KServe
+    SDK reads that)."""
+    for path, status, body in (
+        ("/v2/health/live", 200, {"live": True}),
+        ("/v2/health/ready", 200, {"ready": True}),
+        ("/v2/models/mnist37/ready", 200, {"name": "mnist37", "ready": True}),
+        ("/v2/models/mnist37/versions/2/ready", 200, {"name": "mnist37", "ready": True}),
+        # on disk, outside the version policy
+        ("/v2/models/mnist37/versions/1/ready", 400, {"name": "mnist37", "ready": False}),
+        ("/v2/models/nope/ready", 400, {"name": "nope", "ready": False}),
     ):
         answer = curl(http_server, path)
-        assert answer[0] == status and answer[2] == b"", (path, answer)
+        assert answer[0] == status and json.loads(answer[2]) == body, (path, answer)
+        assert answer[1]["content-type"] == "application/json", path
+        head = http_call(http_server.http_address, "HEAD", path)  # a probe's: no body
+        assert head[0] == status and head[2] == b"", (path, head)
 
 
 def test_curl_metadata_config_statistics_and_index_state_the_grpc_facts(http_server, stubs):

@@ -10,8 +10,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import aiohttp
+import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from helpers import make_certificates, rest_infer_body
 
 from serving.access import TokenFile
@@ -58,6 +60,55 @@ def run(scenario) -> None:
     asyncio.run(scenario())
 
 
+def test_readiness_turns_serving_only_once_the_http_port_listens(
+    model_repository, http_port, monkeypatch
+):
+    """Compose's healthcheck and Kubernetes' probes ask the gRPC health service: while the
+    HTTP port is not listening yet, readiness ("" and the models) must say NOT_SERVING
+    (liveness may already say SERVING); once it listens, SERVING."""
+    seen: dict[str, str] = {}
+    listen = HttpServer.start
+
+    async def check(target: str, service: str) -> str:
+        async with grpc.aio.insecure_channel(target) as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=5
+            )
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)
+
+    async def start_seen_from_a_probe(http: HttpServer) -> None:
+        target = f"127.0.0.1:{started.port}"  # gRPC listens already
+        for service in ("", "mnist37", "liveness"):
+            seen[service] = await check(target, service)
+        await listen(http)
+
+    monkeypatch.setattr(HttpServer, "start", start_seen_from_a_probe)
+    started = InferenceServer(
+        ServerConfig(
+            repository=model_repository,
+            host="127.0.0.1",
+            grpc_port=0,
+            http_port=http_port,
+            metrics_port=0,
+            poll_interval=0.0,
+        )
+    )
+
+    async def scenario() -> None:
+        await started.start()
+        try:
+            assert seen == {"": "NOT_SERVING", "mnist37": "NOT_SERVING", "liveness": "SERVING"}
+            target = f"127.0.0.1:{started.port}"
+            assert [await check(target, service) for service in ("", "mnist37")] == [
+                "SERVING",
+                "SERVING",
+            ]
+        finally:
+            await started.drain_and_stop()
+
+    run(scenario)
+
+
 def test_http_requests_are_observed_like_rpcs_with_bounded_labels(model_repository, http_port):
     async def scenario() -> None:
         async with (
@@ -67,9 +118,15 @@ def test_http_requests_are_observed_like_rpcs_with_bounded_labels(model_reposito
             body, headers = rest_infer_body(ONE_IMAGE)
             async with client.post(INFER, data=body, headers=headers) as answer:
                 assert answer.status == 200
-            ok = {"rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
+            ok = {
+                "protocol": "http",
+                "rpc": "ModelInfer",
+                "model": "mnist37",
+                "version": "2",
+                "code": "OK",
+            }
             assert requests(server, **ok) == 1
-            duration = {"rpc": "ModelInfer", "model": "mnist37"}
+            duration = {"protocol": "http", "rpc": "ModelInfer", "model": "mnist37"}
             assert requests(server, "mnist37_request_duration_seconds_count", **duration) == 1
 
             async with client.post(INFER, data=b"{", headers={"Content-Type": "application/json"}):
@@ -82,16 +139,34 @@ def test_http_requests_are_observed_like_rpcs_with_bounded_labels(model_reposito
             for path in ("/v2/models/a/infer", "/v2/models/b/infer"):
                 async with client.post(path, data=b"{}") as answer:
                     assert answer.status == 404
-            unknown = {"rpc": "ModelInfer", "model": "_unknown", "version": "", "code": "NOT_FOUND"}
+            unknown = {
+                "protocol": "http",
+                "rpc": "ModelInfer",
+                "model": "_unknown",
+                "version": "",
+                "code": "NOT_FOUND",
+            }
             assert requests(server, **unknown) == 2
             for path in ("/x", "/y/z"):
                 async with client.get(path) as answer:
                     assert answer.status == 404
-            nowhere = {"rpc": "_unknown", "model": "", "version": "", "code": "UNIMPLEMENTED"}
+            nowhere = {
+                "protocol": "http",
+                "rpc": "_unknown",
+                "model": "",
+                "version": "",
+                "code": "UNIMPLEMENTED",
+            }
             assert requests(server, **nowhere) == 2
             async with client.get("/v2/health/live") as answer:
                 assert answer.status == 200
-            live = {"rpc": "ServerLive", "model": "", "version": "", "code": "OK"}
+            live = {
+                "protocol": "http",
+                "rpc": "ServerLive",
+                "model": "",
+                "version": "",
+                "code": "OK",
+            }
             assert requests(server, **live) == 1
             # Not HTTP: aiohttp refuses it before any route; counted all the same.
             reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
@@ -159,7 +234,7 @@ def test_once_the_drain_stops_accepting_http_inference_is_refused_with_503(
             for path, status in (("/v2/health/ready", 400), ("/v2/health/live", 200)):
                 async with client.get(path) as answer:
                     assert answer.status == status, path
-            refused = {"rpc": "ModelInfer", "model": "mnist37", "version": "2"}
+            refused = {"protocol": "http", "rpc": "ModelInfer", "model": "mnist37", "version": "2"}
             assert requests(server, **refused, code="UNAVAILABLE") == 1
             server.edge.accepting = True
 
@@ -213,7 +288,13 @@ def test_a_token_file_guards_every_endpoint_but_open_health(
                     assert answer.status == (200 if open_health else 401), path
             async with client.get("/v2") as answer:
                 assert answer.status == 401
-            refused = {"rpc": "ModelInfer", "model": "", "version": "", "code": "UNAUTHENTICATED"}
+            refused = {
+                "protocol": "http",
+                "rpc": "ModelInfer",
+                "model": "",
+                "version": "",
+                "code": "UNAUTHENTICATED",
+            }
             assert requests(server, **refused) == 4
 
     run(scenario)

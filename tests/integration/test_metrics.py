@@ -1,5 +1,6 @@
 """Every Prometheus metric moves as it should: the real server in this process (gRPC on a
-free port), driven by an aio client, read through the observer's registry."""
+free port, HTTP too where a test needs it), driven by aio clients, read through the
+observer's registry."""
 
 from __future__ import annotations
 
@@ -11,10 +12,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import aiohttp
 import grpc
 import numpy as np
 import pytest
-from helpers import FakeContext, infer_request
+from helpers import FakeContext, infer_request, rest_infer_body
 from prometheus_client import CollectorRegistry, Histogram
 
 from serving.config import ServerConfig
@@ -36,18 +38,20 @@ from serving.repository import latest_version
 from serving.runtime import ModelRuntime
 from serving.server import InferenceServer
 
+INFER = "/v2/models/mnist37/infer"
+
 
 @asynccontextmanager
 async def running_server(repository: Path, **settings: object) -> AsyncIterator[InferenceServer]:
+    defaults: dict[str, object] = {"http_port": 0}  # HTTP off unless a test turns it on
     config = ServerConfig(
         repository=repository,
         host="127.0.0.1",
         grpc_port=0,
-        http_port=0,
         metrics_port=free_port(),
         poll_interval=0.0,
         drain_quiet_period=0.0,
-        **settings,
+        **{**defaults, **settings},
     )
     server = InferenceServer(config)
     await server.start()
@@ -100,9 +104,15 @@ def test_a_successful_inference_moves_every_metric(model_repository, test_digits
 
             response = await oip.ModelInfer(infer_request(images))
             assert response.model_version == "2"
-            ok = {"rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
+            ok = {
+                "protocol": "grpc",
+                "rpc": "ModelInfer",
+                "model": "mnist37",
+                "version": "2",
+                "code": "OK",
+            }
             assert value(server, "mnist37_requests_total", **ok) == 1
-            duration = {"rpc": "ModelInfer", "model": "mnist37"}
+            duration = {"protocol": "grpc", "rpc": "ModelInfer", "model": "mnist37"}
             assert value(server, "mnist37_request_duration_seconds_count", **duration) == 1
             assert 0 < value(server, "mnist37_request_duration_seconds_sum", **duration) < 5
             version = {"model": "mnist37", "version": "2"}
@@ -135,10 +145,22 @@ def test_a_successful_inference_moves_every_metric(model_repository, test_digits
             assert value(server, "mnist37_inflight_requests") == 0
 
             await oip.ServerLive(pb.ServerLiveRequest())
-            live = {"rpc": "ServerLive", "model": "", "version": "", "code": "OK"}
+            live = {
+                "protocol": "grpc",
+                "rpc": "ServerLive",
+                "model": "",
+                "version": "",
+                "code": "OK",
+            }
             assert value(server, "mnist37_requests_total", **live) == 1
             await oip.ModelReady(pb.ModelReadyRequest(name="other"))
-            ready = {"rpc": "ModelReady", "model": "other", "version": "1", "code": "OK"}
+            ready = {
+                "protocol": "grpc",
+                "rpc": "ModelReady",
+                "model": "other",
+                "version": "1",
+                "code": "OK",
+            }
             assert value(server, "mnist37_requests_total", **ready) == 1
             # nothing but the edge moved anything for the other model
             assert value(server, "mnist37_probability_count", model="other", version="1") == 0
@@ -147,9 +169,8 @@ def test_a_successful_inference_moves_every_metric(model_repository, test_digits
                 f"http://127.0.0.1:{server.config.metrics_port}/metrics", timeout=5
             ) as page:
                 exposition = page.read().decode()
-            assert 'mnist37_requests_total{code="OK",model="mnist37",rpc="ModelInfer",' in (
-                exposition
-            )
+            series = 'mnist37_requests_total{code="OK",model="mnist37",protocol="grpc",'
+            assert series + 'rpc="ModelInfer",' in exposition
 
     run(scenario)
 
@@ -169,7 +190,13 @@ def test_an_explain_counts_like_a_classify_and_a_refusal_as_a_failure(
                 images=[classifier_pb2.Image(pixels=image.tobytes()) for image in images]
             )
             await classify.Explain(request)
-            ok = {"rpc": "Explain", "model": "mnist37", "version": "2", "code": "OK"}
+            ok = {
+                "protocol": "grpc",
+                "rpc": "Explain",
+                "model": "mnist37",
+                "version": "2",
+                "code": "OK",
+            }
             assert value(server, "mnist37_requests_total", **ok) == 1
             version = {"model": "mnist37", "version": "2"}
             for number in (3, 7):
@@ -185,10 +212,59 @@ def test_an_explain_counts_like_a_classify_and_a_refusal_as_a_failure(
             request.model_name = "other"
             call = classify.Explain(request)
             assert await status_of(call) == grpc.StatusCode.FAILED_PRECONDITION
-            refused = {"rpc": "Explain", "model": "other", "version": "1"}
+            refused = {"protocol": "grpc", "rpc": "Explain", "model": "other", "version": "1"}
             assert value(server, "mnist37_requests_total", **refused, code="FAILED_PRECONDITION")
             assert server.registry.resolve("other").stats.fail.count == 1
             assert value(server, "mnist37_inflight_requests") == 0
+
+    run(scenario)
+
+
+def test_each_protocol_counts_its_own_requests_under_the_same_rpc(model_repository, test_digits):
+    """The same ModelInfer over gRPC and over HTTP: one `protocol="grpc"` and one
+    `protocol="http"` series of the one rpc name; failures and unknown paths too."""
+    images = test_digits[0][:3]
+    body, headers = rest_infer_body(images)
+
+    async def scenario() -> None:
+        async with (
+            running_server(model_repository, http_port=free_port()) as server,
+            stubs(server) as (oip, _),
+            aiohttp.ClientSession(f"http://127.0.0.1:{server.http.port}") as http,
+        ):
+            await oip.ModelInfer(infer_request(images))
+            for _ in range(2):
+                async with http.post(INFER, data=body, headers=headers) as answer:
+                    assert answer.status == 200, await answer.text()
+            async with http.get("/v2/health/live") as answer:
+                assert answer.status == 200
+            async with http.post("/v2/models/nope/infer", data=body, headers=headers) as answer:
+                assert answer.status == 404
+            async with http.get("/no/such/path") as answer:
+                assert answer.status == 404
+            await oip.ServerLive(pb.ServerLiveRequest())
+
+            def requests(protocol: str, rpc: str, model: str, version: str, code: str) -> float:
+                labels = {"protocol": protocol, "rpc": rpc, "model": model, "version": version}
+                return value(server, "mnist37_requests_total", **labels, code=code)
+
+            assert requests("grpc", "ModelInfer", "mnist37", "2", "OK") == 1
+            assert requests("http", "ModelInfer", "mnist37", "2", "OK") == 2
+            assert requests("http", "ModelInfer", "_unknown", "", "NOT_FOUND") == 1
+            assert requests("grpc", "ModelInfer", "_unknown", "", "NOT_FOUND") == 0
+            assert requests("http", "ServerLive", "", "", "OK") == 1
+            assert requests("grpc", "ServerLive", "", "", "OK") == 1
+            assert requests("http", "_unknown", "", "", "UNIMPLEMENTED") == 1
+            for protocol, count in (("grpc", 1), ("http", 2)):
+                duration = {"protocol": protocol, "rpc": "ModelInfer", "model": "mnist37"}
+                assert value(server, "mnist37_request_duration_seconds_count", **duration) == (
+                    count
+                )
+            protocols = {labels["protocol"] for labels in label_sets(server, "mnist37_requests")}
+            assert protocols == {"grpc", "http"}  # bounded: the two edges, nothing else
+            # the model's own metrics do not tell protocols apart
+            version = {"model": "mnist37", "version": "2"}
+            assert value(server, "mnist37_probability_count", **version) == 3 * 3
 
     run(scenario)
 
@@ -240,7 +316,13 @@ def test_every_error_kind_is_counted_with_bounded_labels(model_repository, test_
             server.edge.accepting = True
 
             def requests(rpc: str, model: str, version: str, code: str) -> float:
-                labels = {"rpc": rpc, "model": model, "version": version, "code": code}
+                labels = {
+                    "protocol": "grpc",
+                    "rpc": rpc,
+                    "model": model,
+                    "version": version,
+                    "code": code,
+                }
                 return value(server, "mnist37_requests_total", **labels)
 
             assert requests("ModelInfer", "_unknown", "", "NOT_FOUND") == 50
@@ -252,7 +334,7 @@ def test_every_error_kind_is_counted_with_bounded_labels(model_repository, test_
             assert requests("ModelInfer", "mnist37", "2", "UNAVAILABLE") == 1
             models = {labels["model"] for labels in label_sets(server, "mnist37_requests")}
             assert models == {"_unknown", "mnist37"}
-            durations = {"rpc": "ModelInfer", "model": "_unknown"}
+            durations = {"protocol": "grpc", "rpc": "ModelInfer", "model": "_unknown"}
             assert value(server, "mnist37_request_duration_seconds_count", **durations) == 50
             # failed requests classified nothing and left nothing in flight
             assert value(server, "mnist37_probability_count", model="mnist37", version="2") == 0
@@ -303,7 +385,13 @@ def test_sixteen_concurrent_single_images_form_batches(model_repository, test_di
                 assert asyncio.get_running_loop().time() < deadline
                 await asyncio.sleep(0.001)
             await asyncio.gather(*calls)
-            ok = {"rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
+            ok = {
+                "protocol": "grpc",
+                "rpc": "ModelInfer",
+                "model": "mnist37",
+                "version": "2",
+                "code": "OK",
+            }
             assert value(server, "mnist37_requests_total", **ok) == 16
             batches = value(server, "mnist37_batch_size_count", model="mnist37")
             single = value(server, "mnist37_batch_size_bucket", model="mnist37", le="1.0")
@@ -350,7 +438,13 @@ def test_rpc_edge_maps_every_exception_to_one_counted_code(raised, remaining, co
 
     with pytest.raises((asyncio.CancelledError, grpc.aio.AbortError)):
         run(scenario)
-    labels = {"rpc": "ModelInfer", "model": "_unknown", "version": "", "code": code}
+    labels = {
+        "protocol": "grpc",
+        "rpc": "ModelInfer",
+        "model": "_unknown",
+        "version": "",
+        "code": code,
+    }
     assert observer.registry.get_sample_value("mnist37_requests_total", labels) == 1
     assert edge.in_flight == 0
     if not isinstance(raised, asyncio.CancelledError):
@@ -411,7 +505,7 @@ def test_a_request_whose_deadline_passes_while_computing_counts_as_deadline_exce
             call = oip.ModelInfer(infer_request(test_digits[0][:1]), timeout=0.05)
             assert await status_of(call) == grpc.StatusCode.DEADLINE_EXCEEDED
             await asyncio.sleep(0.05)  # the handler's cancellation is recorded
-            labels = {"rpc": "ModelInfer", "model": "mnist37", "version": "2"}
+            labels = {"protocol": "grpc", "rpc": "ModelInfer", "model": "mnist37", "version": "2"}
             assert value(server, "mnist37_requests_total", **labels, code="DEADLINE_EXCEEDED") == 1
             assert value(server, "mnist37_requests_total", **labels, code="CANCELLED") == 0
             model.batcher._predict = predict
@@ -527,11 +621,12 @@ def test_unloading_a_version_removes_its_series_and_keeps_the_others():
     digit = np.array([3, 7], dtype=np.int64)
     for version in ("1", "2"):
         observer.model_loaded("m", version, "linear", "CPUExecutionProvider")
-        observer.rpc_finished("ModelInfer", "m", version, "OK", 0.001)
-        observer.rpc_finished("Classify", "m", version, "INVALID_ARGUMENT", 0.001)
+        observer.rpc_finished("grpc", "ModelInfer", "m", version, "OK", 0.001)
+        observer.rpc_finished("grpc", "Classify", "m", version, "INVALID_ARGUMENT", 0.001)
+        observer.rpc_finished("http", "ModelInfer", "m", version, "OK", 0.001)
         observer.predictions_made("m", version, probability, digit)
         observer.batch_executed("m", version, 2, [0.0001], 0.0002)
-    observer.rpc_finished("ModelInfer", "m", "", "NOT_FOUND", 0.001)  # version 9 asked for
+    observer.rpc_finished("grpc", "ModelInfer", "m", "", "NOT_FOUND", 0.001)  # version 9 asked for
 
     observer.model_unloaded("m", "1", "linear", "CPUExecutionProvider")
 
@@ -545,17 +640,19 @@ def test_unloading_a_version_removes_its_series_and_keeps_the_others():
     assert versions("mnist37_requests") == {"2", ""}  # unresolved versions stay
     # per-model series are not per version: they stay
     assert registry.get_sample_value("mnist37_batch_size_count", {"model": "m"}) == 2
-    duration = {"rpc": "ModelInfer", "model": "m"}
+    duration = {"protocol": "grpc", "rpc": "ModelInfer", "model": "m"}
     assert registry.get_sample_value("mnist37_request_duration_seconds_count", duration) == 3
+    duration = {**duration, "protocol": "http"}
+    assert registry.get_sample_value("mnist37_request_duration_seconds_count", duration) == 2
     loads = {"model": "m", "result": "success"}
     assert registry.get_sample_value("mnist37_model_load_total", loads) == 2
 
     # a version loaded again starts from zero, through fresh (not orphaned) children
     observer.model_loaded("m", "1", "linear", "CPUExecutionProvider")
-    observer.rpc_finished("ModelInfer", "m", "1", "OK", 0.001)
+    observer.rpc_finished("grpc", "ModelInfer", "m", "1", "OK", 0.001)
     observer.predictions_made("m", "1", probability, digit)
     observer.batch_executed("m", "1", 2, [0.0001], 0.0002)
-    ok = {"rpc": "ModelInfer", "model": "m", "version": "1", "code": "OK"}
+    ok = {"protocol": "grpc", "rpc": "ModelInfer", "model": "m", "version": "1", "code": "OK"}
     assert registry.get_sample_value("mnist37_requests_total", ok) == 1
     one = {"model": "m", "version": "1"}
     assert registry.get_sample_value("mnist37_probability_count", one) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers import REPO_ROOT, infer_request
+from helpers import REPO_ROOT, http_call, infer_request, rest_infer_body
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
@@ -30,6 +30,7 @@ DASHBOARD = REPO_ROOT / "deploy" / "grafana" / "dashboards" / "mnist37.json"
 INSTALL_HINT = "install it with `apt-get install prometheus` (Debian 12; .ci/run does this)"
 QUERY_DEADLINE_S = 60.0
 INFER_REQUESTS, IMAGES_PER_REQUEST, CLASSIFY_REQUESTS, UNKNOWN_MODEL_REQUESTS = 30, 4, 10, 5
+HTTP_INFER_REQUESTS = 7  # the same ModelInfer over HTTP: its own protocol="http" series
 
 
 def binary(name: str) -> str:
@@ -144,6 +145,12 @@ def scraped(model_repository, test_digits, tmp_path_factory) -> Iterator[tuple[P
             request.images.add(pixels=images[0].tobytes())
             for _ in range(CLASSIFY_REQUESTS):
                 classifier.Classify(request)
+        body, headers = rest_infer_body(images)
+        for _ in range(HTTP_INFER_REQUESTS):
+            status, _, answer = http_call(
+                server.http_address, "POST", "/v2/models/mnist37/infer", body, headers
+            )
+            assert status == 200, answer
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
         with urllib.request.urlopen(metrics_url, timeout=5) as page:
             exposition = page.read().decode()
@@ -183,31 +190,44 @@ def test_prometheus_scrapes_the_live_server_with_the_project_config(scraped):
     prometheus, exposition = scraped
     assert prometheus.poll('up{job="mnist37"}', 1.0, single_value)
 
+    def by_protocol(result: list[dict]) -> dict[str, float]:
+        return {series["metric"]["protocol"]: float(series["value"][1]) for series in result}
+
     ok = prometheus.poll(
-        'sum(mnist37_requests_total{rpc="ModelInfer",model="mnist37",code="OK"})',
-        float(INFER_REQUESTS),
-        single_value,
+        'sum by (protocol) (mnist37_requests_total{rpc="ModelInfer",model="mnist37",code="OK"})',
+        {"grpc": float(INFER_REQUESTS), "http": float(HTTP_INFER_REQUESTS)},
+        by_protocol,
     )
     assert ok
     unknown = prometheus.query('mnist37_requests_total{code="NOT_FOUND"}')
-    assert [(series["metric"]["model"], float(series["value"][1])) for series in unknown] == [
-        ("_unknown", float(UNKNOWN_MODEL_REQUESTS))
-    ]
+    assert [
+        (series["metric"]["model"], series["metric"]["protocol"], float(series["value"][1]))
+        for series in unknown
+    ] == [("_unknown", "grpc", float(UNKNOWN_MODEL_REQUESTS))]
     classified = prometheus.query("sum(mnist37_images_total)")
-    assert single_value(classified) == INFER_REQUESTS * IMAGES_PER_REQUEST + CLASSIFY_REQUESTS
+    images = (INFER_REQUESTS + HTTP_INFER_REQUESTS) * IMAGES_PER_REQUEST + CLASSIFY_REQUESTS
+    assert single_value(classified) == images
 
-    selector = {"rpc": "ModelInfer", "model": "mnist37"}
-    expected_p99 = histogram_quantile(
-        0.99, exposition, "mnist37_request_duration_seconds", selector
-    )
-    p99 = single_value(
-        prometheus.query(
-            "histogram_quantile(0.99, sum by (le) (mnist37_request_duration_seconds_bucket"
-            '{rpc="ModelInfer",model="mnist37"}))'
+    for protocol in ("grpc", "http"):
+        selector = {"protocol": protocol, "rpc": "ModelInfer", "model": "mnist37"}
+        expected_p99 = histogram_quantile(
+            0.99, exposition, "mnist37_request_duration_seconds", selector
         )
+        p99 = single_value(
+            prometheus.query(
+                "histogram_quantile(0.99, sum by (le) (mnist37_request_duration_seconds_bucket"
+                f'{{protocol="{protocol}",rpc="ModelInfer",model="mnist37"}}))'
+            )
+        )
+        assert p99 == pytest.approx(expected_p99, rel=1e-9), protocol
+        assert 0 < p99 < 1.0
+    # The recording rule keeps the protocols apart: one p99 series per (rpc, protocol).
+    recorded = prometheus.poll(
+        'mnist37:request_duration_seconds:p99_5m{rpc="ModelInfer"}',
+        {"grpc", "http"},
+        lambda result: {series["metric"]["protocol"] for series in result},
     )
-    assert p99 == pytest.approx(expected_p99, rel=1e-9)
-    assert 0 < p99 < 1.0
+    assert recorded
 
     info = prometheus.query("mnist37_model_info")
     assert {
