@@ -108,7 +108,7 @@ def web_requests(server: ServerProcess, metrics_port: int) -> tuple[float, str]:
     status, _, body = http_call(f"127.0.0.1:{metrics_port}", "GET", "/metrics")
     assert status == 200
     text = body.decode()
-    series = 'mnist37_requests_total{code="OK",model="",rpc="WebPage",version=""} '
+    series = 'mnist37_requests_total{code="OK",model="",protocol="http",rpc="WebPage",version=""} '
     values = [float(line[len(series) :]) for line in text.splitlines() if line.startswith(series)]
     return (values[0] if values else 0.0), text
 
