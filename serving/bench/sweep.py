@@ -96,8 +96,10 @@ def warm_up(server: Running, loads: list[Load], seconds: float) -> None:
     for protocol, batch in sorted({(load.protocol, load.batch) for load in loads}):
         target = server.target(protocol)
         if protocol == "grpc":
+            # At the highest concurrency it will see: as many requests in memory at once.
+            concurrency = max(load.concurrency for load in loads if load.batch == batch)
             payload = infer_request_bytes(MODEL_NAME, batch)
-            asyncio.run(closed_loop(target, payload, 4, 1, 0.0, seconds))
+            asyncio.run(closed_loop(target, payload, concurrency, 1, 0.0, seconds))
         else:
             _http_warm_up(target, batch, seconds)
 
@@ -179,6 +181,7 @@ def figures(result: LoadResult, sampler: Sampler, server: Running) -> dict[str, 
         "p50_ms": result.p50_ms,
         "p90_ms": result.p90_ms,
         "p99_ms": result.p99_ms,
+        "stable": result.stable,
         "wall_s": result.wall_s,
         "server_cpu_s": sampler.server_cpu_s,
         "client_cpu_s": result.client_cpu_s,
