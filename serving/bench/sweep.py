@@ -57,6 +57,12 @@ class Sampler(threading.Thread):
             self._finished.wait(self.interval)
         self._sample()
 
+    def watch(self, pid: int) -> None:
+        """Sample load generator `pid` from now on (a retried perf_analyzer is a new one:
+        the samples of the one before are dropped)."""
+        self.samples = []
+        self.client_pid = pid
+
     def _sample(self) -> None:
         """One sample while the load generator runs (not before it started, nor once it
         has exited: its CPU time then reads as nothing)."""
@@ -142,7 +148,7 @@ def measure(server: Running, load: Load, window: Window) -> tuple[LoadResult, Sa
     target = server.target(load.protocol)
 
     def watch(pid: int) -> None:
-        sampler.client_pid = pid
+        sampler.watch(pid)
 
     sampler.start()
     try:
