@@ -51,7 +51,8 @@ def draw(out: Path, points: list[dict], in_process: list[InProcess]) -> list[Pat
     from matplotlib import pyplot
 
     lines = _series(points)
-    palette = pyplot.rcParams["axes.prop_cycle"].by_key()["color"]
+    # 20 distinct colours: a full sweep draws up to 14 lines.
+    palette = [matplotlib.colors.to_hex(colour) for colour in matplotlib.colormaps["tab20"].colors]
     colors = {label: palette[index % len(palette)] for index, label in enumerate(lines)}
     batches = sorted({point["batch"] for line in lines.values() for point in line})
     if not batches:
