@@ -175,7 +175,17 @@ def evaluate_targets(
                 f"{python_echo['p50_ms']:.3f} ms, x{python_ratio:.2f})"
             )
     else:
-        target.detail = _missing(figures, (ours, "mnist37", 1, 1), (echo, "echo", 1, 1))
+        python_ours = figures.find("mnist37", 1, 1, generator="python 1ch")
+        python_echo = figures.find("echo", 1, 1, generator="python 1ch")
+        if python_ours and python_echo:  # a sweep without perf_analyzer: the Python figures
+            ratio = python_ours["p50_ms"] / python_echo["p50_ms"]
+            target.ratio, target.met = ratio, ratio <= 1.3
+            target.detail = (
+                f"Python generator: p50 {python_ours['p50_ms']:.3f} vs "
+                f"{python_echo['p50_ms']:.3f} ms"
+            )
+        else:
+            target.detail = _missing(figures, (ours, "mnist37", 1, 1), (echo, "echo", 1, 1))
     targets.append(target)
 
     # 3. Batch 64, concurrency 4 against the bare server; batch 1,024 against onnxruntime.

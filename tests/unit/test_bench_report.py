@@ -184,3 +184,13 @@ def test_plans_cover_the_grid_and_subsets_select():
     assert all(load.batch == 64 for run in chosen for load in run.loads)
     assert plans.select(default, plans.Selection(batches=(3,))) == []
     assert Figures([]).why_missing("mnist37", 1, 1) == "not in this sweep's plan"
+
+
+def test_the_p50_target_falls_back_on_the_python_generator():
+    points = [
+        point("mnist37", 1, 1, 1000.0, p50=0.6, generator="python 1ch"),
+        point("echo", 1, 1, 2000.0, p50=0.4, generator="python 1ch"),
+    ]
+    target = targets_by_name(points)["b1 c1 p50 vs echo"]
+    assert target.met is False and target.ratio == pytest.approx(1.5)
+    assert "Python generator" in target.detail
