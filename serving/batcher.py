@@ -17,6 +17,15 @@ queues, so a burst costs bounded memory and the requests admitted keep a bounded
 
 After each successful call, `on_batch` gets the batch's image count, the queue wait of every
 queued item in it (a request, or one chunk of a split request) and the call's duration.
+
+With `inline_below_s`, a batch whose onnxruntime call is expected to take less than that
+runs on the event loop itself: handing a call to a worker thread and its answer back costs
+about 100-200 us of CPU here (two thread wake-ups), more than the linear model takes for 64
+images. The expectation comes from the calls of the batch's size class (powers of two),
+measured on every call (`_EXPECTATION_RISE`); a size class not seen yet runs in a worker
+thread first. So a slow graph, a large batch or a GPU keep the loop free, and a fast one stops
+paying for the hop. The batch then starts at the end of the current loop iteration, so the
+requests that arrived together still join one batch.
 """
 
 from __future__ import annotations
@@ -40,6 +49,11 @@ Prediction = tuple[np.ndarray, ...]
 PredictFunction = Callable[[np.ndarray], Prediction]
 # (images in the batch, each queued item's wait in seconds, onnxruntime seconds)
 BatchListener = Callable[[int, list[float], float], None]
+# A size class's expected call duration is the fastest call seen, allowed to rise by this
+# factor at each call so that a graph that became slower is noticed within a few dozen
+# calls. The fastest, not the average: a call in a worker thread also counts its wait for
+# the GIL while the event loop is busy, which is not the call's own cost.
+_EXPECTATION_RISE = 1.05
 
 
 @dataclass(slots=True)
@@ -63,9 +77,15 @@ class DynamicBatcher:
         max_queued_requests: int | None = None,
         stats: InferenceStats | None = None,
         on_batch: BatchListener | None = None,
+        inline_below_s: float = 0.0,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
+        # 0: every call in a worker thread (tests, a graph of unknown cost).
+        self.inline_below_ns = inline_below_s * 1e9
+        # the expected onnxruntime call's ns, by the batch's size class
+        self._call_ns: dict[int, float] = {}
+        self._schedule_pending = False
         # None: unbounded (tests, benchmarks of the batcher alone); the server sets both.
         self.max_queued_images = max_queued_images
         self.max_queued_requests = max_queued_requests
@@ -132,8 +152,23 @@ class DynamicBatcher:
         self._queue.append(_Queued(images, future, time.perf_counter_ns(), deadline, split))
         self._queued_images += len(images)
         if not self._running:
-            self._schedule(loop)
+            if self.inline_below_ns:
+                self._schedule_soon(loop)
+            else:
+                self._schedule(loop)
         return future
+
+    def _schedule_soon(self, loop: asyncio.AbstractEventLoop) -> None:
+        """`_schedule` at the end of this loop iteration: the requests handled in it queue
+        first (a batch that may run inline would otherwise take only the first)."""
+        if not self._schedule_pending:
+            self._schedule_pending = True
+            loop.call_soon(self._scheduled, loop)
+
+    def _scheduled(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._schedule_pending = False
+        if not self._running:
+            self._schedule(loop)
 
     def _schedule(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start a batch now, or arm the timer that starts it when the oldest request has
@@ -176,12 +211,37 @@ class DynamicBatcher:
             batch_images += len(item.images)
         if not batch:
             return
+        parts = [item.images for item in batch]
+        if self._runs_inline(batch_images):
+            self._run_inline(loop, batch, parts)
+            return
         self._running = True
         start_ns = time.perf_counter_ns()
-        pending = loop.run_in_executor(
-            self._executor, _run_batch, self._predict, [item.images for item in batch]
-        )
+        pending = loop.run_in_executor(self._executor, _run_batch, self._predict, parts)
         pending.add_done_callback(partial(self._finish, loop, batch, start_ns))
+
+    def _runs_inline(self, images: int) -> bool:
+        """Whether a batch of `images` is expected to take less than `inline_below_s`."""
+        if not self.inline_below_ns:
+            return False
+        expected_ns = self._call_ns.get(images.bit_length())
+        return expected_ns is not None and expected_ns < self.inline_below_ns
+
+    def _run_inline(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Queued], parts: list[np.ndarray]
+    ) -> None:
+        start_ns = time.perf_counter_ns()
+        self._running = True
+        try:
+            outcome = _run_batch(self._predict, parts)
+        except Exception as error:
+            self._running = False
+            _fail(batch, error)
+        else:
+            self._running = False
+            self._deliver(batch, start_ns, *outcome)
+        # What arrived during the call waits in grpc and aiohttp, not in the queue yet.
+        self._schedule_soon(loop)
 
     def _finish(
         self,
@@ -196,9 +256,7 @@ class DynamicBatcher:
         except asyncio.CancelledError as cancelled:
             error = cancelled
         if error is not None:
-            for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(error)
+            _fail(batch, error)
         else:
             self._deliver(batch, start_ns, *pending.result())
         self._schedule(loop)
@@ -219,6 +277,11 @@ class DynamicBatcher:
                 item.future.set_result(tuple(array[offset : offset + rows] for array in prediction))
             offset += rows
         output_ns = time.perf_counter_ns() - output_start
+        size_class = offset.bit_length()
+        expected = self._call_ns.get(size_class)
+        self._call_ns[size_class] = (
+            infer_ns if expected is None else min(infer_ns, expected * _EXPECTATION_RISE)
+        )
         waits_ns = [start_ns - item.enqueued_ns for item in batch]
         requests, requests_wait_ns = 0, 0
         for item, wait_ns in zip(batch, waits_ns, strict=True):
@@ -238,8 +301,14 @@ class DynamicBatcher:
             self._on_batch(offset, [wait_ns / 1e9 for wait_ns in waits_ns], infer_ns / 1e9)
 
 
+def _fail(batch: list[_Queued], error: BaseException) -> None:
+    for item in batch:
+        if not item.future.done():
+            item.future.set_exception(error)
+
+
 def _run_batch(predict: PredictFunction, parts: list[np.ndarray]) -> tuple[Prediction, int, int]:
-    """Runs in a worker thread: joins the parts, predicts, and times both steps."""
+    """Runs in a worker thread (or inline): joins the parts, predicts, and times both steps."""
     input_start = time.perf_counter_ns()
     images = parts[0] if len(parts) == 1 else np.concatenate(parts)
     infer_start = time.perf_counter_ns()

@@ -315,3 +315,86 @@ def test_any_number_of_outputs_is_batched_split_and_delivered_row_for_row(execut
 
 def tagged_ids(images: np.ndarray) -> np.ndarray:
     return images[:, 0, :3].astype(np.int64) @ np.array([1, 256, 65536])
+
+
+def test_a_fast_graph_runs_on_the_event_loop_once_its_calls_are_known(executor):
+    """With inline_below_s, the first call of a size class runs in a worker thread (its
+    duration is not known yet), the next ones on the loop's own thread; answers are the
+    same, and concurrent callers still share batches."""
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=64, inline_below_s=1.0)
+        first = await batcher.infer(tagged(0, 3))
+        threads = set(model.threads)
+        second = await batcher.infer(tagged(10, 3))
+        requests = [tagged(1000 * index, 3) for index in range(1, 21)]
+        results = await asyncio.gather(*(batcher.infer(images) for images in requests))
+        return threads, first, second, results
+
+    threads, first, second, results = run(scenario())
+    assert len(threads) == 1 and threads.pop().startswith("worker")
+    assert threading.main_thread().name in model.threads  # the second call, inline
+    np.testing.assert_array_equal(first[1], [0, 1, 2])
+    np.testing.assert_array_equal(second[1], [10, 11, 12])
+    for index, (_, digit) in enumerate(results, start=1):
+        np.testing.assert_array_equal(digit, np.arange(1000 * index, 1000 * index + 3))
+    # 20 requests handled in one loop iteration joined one batch of 60 images.
+    assert model.batches == [3, 3, 60]
+
+
+def test_a_slow_graph_keeps_running_in_worker_threads(executor):
+    model = RecordingModel(delay=0.02)
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_below_s=0.001)
+        for index in range(4):
+            await batcher.infer(tagged(index, 1))
+
+    run(scenario())
+    assert model.threads and all(name.startswith("worker") for name in model.threads)
+
+
+def test_an_inline_call_that_fails_reaches_its_callers_and_the_batcher_recovers(executor):
+    calls = []
+
+    def flaky(images):
+        calls.append(threading.current_thread().name)
+        if len(calls) == 2:  # the first inline call
+            raise RuntimeError("boom")
+        return np.zeros(len(images), np.float32), np.full(len(images), 7, np.int64)
+
+    async def scenario():
+        batcher = DynamicBatcher(flaky, executor, max_batch_size=4, inline_below_s=1.0)
+        await batcher.infer(tagged(0, 2))
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.infer(tagged(0, 2))
+        return await batcher.infer(tagged(0, 2))
+
+    assert run(scenario())[1].tolist() == [7, 7]
+    assert calls[0].startswith("worker") and calls[1] == threading.main_thread().name
+
+
+def test_a_split_request_runs_its_chunks_inline_one_loop_iteration_apart(executor):
+    """Each chunk is its own call: between two, the loop serves others (a ticker here)."""
+    model = RecordingModel()
+    ticks = []
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=8, inline_below_s=1.0)
+        await batcher.infer(tagged(0, 8))  # the size class of a chunk, measured
+
+        async def ticker():
+            while True:
+                ticks.append(len(model.batches))
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        answer = await batcher.infer(tagged(100, 40))
+        task.cancel()
+        return answer
+
+    _, digit = run(scenario())
+    np.testing.assert_array_equal(digit, np.arange(100, 140))
+    assert model.batches == [8] * 6
+    assert len(set(ticks)) >= 4, "the loop ran between the chunks"
