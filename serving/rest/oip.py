@@ -75,7 +75,9 @@ class InferenceEndpoints:
         return _status(self.catalog.model_ready(call, *_model(request)))
 
     async def server_metadata(self, request: web.Request, call: HttpCall) -> web.Response:
-        return json_response(message_json(self.catalog.server_metadata()))
+        response = json_response(message_json(self.catalog.server_metadata()))
+        response.headers.update(self.catalog.worker_metadata())
+        return response
 
     async def model_metadata(self, request: web.Request, call: HttpCall) -> web.Response:
         model = call.resolve(*_model(request))
