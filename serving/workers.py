@@ -288,6 +288,7 @@ class Supervisor:
             self._reservations.append(reserve_port(config.host, config.http_port, where))
         if config.metrics_port:
             self._multiprocess_dir = Path(tempfile.mkdtemp(prefix="mnist37-metrics-"))
+            log.info("the workers' metrics in %s (removed at exit)", self._multiprocess_dir)
         self.metrics = SupervisorMetrics(self._multiprocess_dir)
         if config.metrics_port:
             try:
