@@ -22,10 +22,11 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import http_call, infer_request
+from helpers import http_call, infer_request, shipped_digit_files
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.catalog import WORKER_KEY
+from serving.client import Mnist37Client, main
 from serving.generated.inference import grpc_service_pb2 as pb
 from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.launcher import ServerProcess, free_port, start_server
@@ -185,6 +186,23 @@ def test_metrics_are_the_sum_over_the_workers(workers):
     info = {**version, "arch": "linear", "provider": "CPUExecutionProvider"}
     assert value(after, "mnist37_model_info", **info) == 1, "livemax: any live worker's 1"
     assert value(after, "mnist37_inflight_requests") == 0
+
+
+def test_a_client_with_channels_uses_every_worker(workers, test_digits, capsys):
+    with Mnist37Client(workers.target, channels=16) as client:
+        assert {worker_of(channel) for channel in client.channels} == {"0", "1"}
+        calls = [client.infer_later(test_digits[0][:4]) for _ in range(16)]
+        assert all(call()["digit"].shape == (4,) for call in calls)
+    images_path, labels_path = shipped_digit_files()
+    arguments = ["--server", workers.target, "--channels", "4", "classify", "--check"]
+    arguments += [str(images_path), "--labels", str(labels_path), "--batch-size", "64"]
+    assert main([*arguments, "--concurrency", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "8 at a time over 4 channel(s)" in out
+    assert main(arguments) == 0  # one at a time: the same answers
+    sequential = capsys.readouterr().out
+    accuracy = re.compile(r"accuracy \S+ \(\d+/\d+\)")
+    assert accuracy.search(out).group(0) == accuracy.search(sequential).group(0)
 
 
 def test_perf_analyzer_runs_against_the_workers(workers):
@@ -374,3 +392,69 @@ def test_a_worker_that_keeps_dying_stops_the_server(model_repository, tmp_path):
     assert "worker 1 died 5 times in a row" in log
     assert log.count("refusing to start: model repository") == 4
     assert re.search(r"worker 0 \(pid \d+\) exited with status 0", log), "0 drained"
+
+
+WORKER_OBSERVER_SCRIPT = """
+import time
+import numpy as np
+from serving.metrics import PROBABILITY_BUCKETS, LATENCY_BUCKETS, PrometheusObserver
+
+observer = PrometheusObserver(multiprocess=True)
+generator = np.random.default_rng(37)
+probability = np.concatenate(
+    [generator.random(1000, dtype=np.float32), np.array([0.0, 0.5, 1.0, np.nan], np.float32)]
+)
+digit = np.where(probability >= 0.5, 7, 3).astype(np.int64)
+observer.predictions_made("m", "vectorised", probability, digit)
+for item in probability.tolist():
+    if item == item:
+        observer.probability.labels("m", "one-by-one").observe(item)
+waits = (10.0 ** generator.uniform(-5.5, 1.5, 64)).tolist()
+observer.batch_executed("m", "1", 64, waits, 0.001)
+for wait in waits:
+    observer.queue_duration.labels("reference").observe(wait)
+observer.model_loaded("m", "1", "linear", "CPU")
+observer.model_loaded("m", "2", "linear", "CPU")
+observer.model_unloaded("m", "1", "linear", "CPU")
+observer.watch_in_flight(lambda: 5)
+time.sleep(0.5)
+observer.close()
+"""
+
+
+def test_a_workers_metrics_in_multiprocess_files_are_exact(tmp_path):
+    """A worker's observer writes prometheus_client's multiprocess files: the vectorised
+    histogram updates give what one observation each gives, an unloaded version's info
+    turns 0, the in-flight count is sampled, and no startup probe series is left."""
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    subprocess.run([sys.executable, "-c", WORKER_OBSERVER_SCRIPT], env=env, check=True, timeout=60)
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in registry.collect()
+        for sample in family.samples
+    }
+
+    def series(name: str, **labels: str) -> dict[str, float]:
+        return {
+            dict(sample_labels)["le"]: found
+            for (sample, sample_labels), found in samples.items()
+            if sample == name and set(labels.items()) <= set(sample_labels)
+        }
+
+    vectorised = series("mnist37_probability_bucket", version="vectorised")
+    assert len(vectorised) == 15 and vectorised["+Inf"] == 1003  # the NaN is not counted
+    assert vectorised == series("mnist37_probability_bucket", version="one-by-one")
+    queue = series("mnist37_queue_duration_seconds_bucket", model="m")
+    assert queue["+Inf"] == 64 and queue == series(
+        "mnist37_queue_duration_seconds_bucket", model="reference"
+    )
+    info = {"model": "m", "arch": "linear", "provider": "CPU"}
+    assert value(samples, "mnist37_model_info", version="1", **info) == 0
+    assert value(samples, "mnist37_model_info", version="2", **info) == 1
+    assert value(samples, "mnist37_inflight_requests") == 5
+    assert not [key for key in samples if ("model", "") in key[1]], "no probe series"
