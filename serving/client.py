@@ -12,12 +12,12 @@ mnist37-client --channels 16 classify --check IMAGES_IDX --labels LABELS_IDX \
 from __future__ import annotations
 
 import argparse
+import asyncio
 import itertools
 import os
 import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,15 +74,7 @@ class Mnist37Client:
     turn, call by call, so that its requests spread over the workers."""
 
     def __init__(self, target: str = DEFAULT_SERVER, timeout: float = 30.0, channels: int = 1):
-        options = [
-            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ]
-        if channels > 1:
-            # grpc shares one connection between channels with the same target and
-            # arguments (its process-wide subchannel pool): a pool of each channel's own
-            # makes each open a connection of its own.
-            options.append(("grpc.use_local_subchannel_pool", 1))
+        options = channel_options(channels)
         self.channels = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
         self.channel = self.channels[0]
         self.timeout = timeout
@@ -158,47 +150,45 @@ class Mnist37Client:
         request_id: str = "",
     ) -> dict[str, np.ndarray]:
         """ModelInfer on uint8 [N, 28, 28]; returns the outputs by name."""
-        return self.infer_later(images, model_name, model_version, outputs, raw, request_id)()
-
-    def infer_later(
-        self,
-        images: np.ndarray,
-        model_name: str = DEFAULT_MODEL_NAME,
-        model_version: str = "",
-        outputs: Sequence[str] = (),
-        raw: bool = True,
-        request_id: str = "",
-    ) -> InferCall:
-        """`infer`, sent now, answered when the result is asked for: several calls can be
-        in flight at once."""
-        request = oip_pb.ModelInferRequest(
-            model_name=model_name, model_version=model_version, id=request_id
-        )
-        tensor = request.inputs.add(name=IMAGES.name, datatype=IMAGES.datatype, shape=images.shape)
-        if raw:
-            request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
-        else:
-            tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
-        for name in outputs:
-            request.outputs.add(name=name)
-        return InferCall(self._next_stubs()[1].ModelInfer.future(request, timeout=self.timeout))
+        request = infer_request(images, model_name, model_version, outputs, raw, request_id)
+        response = self._next_stubs()[1].ModelInfer(request, timeout=self.timeout)
+        return decode_infer_response(response)
 
 
-class InferCall:
-    """A ModelInfer in flight: call it for its outputs by name (raises grpc.RpcError);
-    `seconds` is how long it took once answered."""
+def channel_options(channels: int = 1) -> list[tuple[str, int]]:
+    """The client's channel arguments, for one of `channels` channels to one server."""
+    options = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ]
+    if channels > 1:
+        # grpc shares one connection between channels with the same target and arguments
+        # (its process-wide subchannel pool): a pool of each channel's own makes each one
+        # open a connection of its own.
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return options
 
-    def __init__(self, future: grpc.Future) -> None:
-        self._future = future
-        self._sent = time.perf_counter()
-        self.seconds: float | None = None
-        future.add_done_callback(self._answered)
 
-    def _answered(self, future: grpc.Future) -> None:
-        self.seconds = time.perf_counter() - self._sent
-
-    def __call__(self) -> dict[str, np.ndarray]:
-        return decode_infer_response(self._future.result())
+def infer_request(
+    images: np.ndarray,
+    model_name: str = DEFAULT_MODEL_NAME,
+    model_version: str = "",
+    outputs: Sequence[str] = (),
+    raw: bool = True,
+    request_id: str = "",
+) -> oip_pb.ModelInferRequest:
+    """A ModelInfer request for uint8 [N, 28, 28] images, raw or typed."""
+    request = oip_pb.ModelInferRequest(
+        model_name=model_name, model_version=model_version, id=request_id
+    )
+    tensor = request.inputs.add(name=IMAGES.name, datatype=IMAGES.datatype, shape=images.shape)
+    if raw:
+        request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
+    else:
+        tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
 
 
 def _classify_request(
@@ -314,42 +304,58 @@ def _explain_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
     return 0
 
 
-def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) -> int:
+def _check(images_path: Path, labels_path: Path, args) -> int:
+    """Accuracy, latency and throughput: every image sent once, in --batch-size requests,
+    --concurrency of them in flight over --channels connections."""
     images = read_images(images_path)
     labels = read_labels(labels_path).astype(np.int64)
     if len(images) != len(labels):
         raise IdxError(f"{len(images)} images but {len(labels)} labels")
-    digits = np.empty(len(images), dtype=np.int64)
-    latencies = []
-    model = args.model or DEFAULT_MODEL_NAME
-    in_flight: deque[tuple[int, InferCall]] = deque()
-
-    def collect() -> None:
-        start, call = in_flight.popleft()
-        found = call()[DIGIT.name]
-        latencies.append(call.seconds)
-        digits[start : start + len(found)] = found
-
+    chunks = [
+        images[start : start + args.batch_size] for start in range(0, len(images), args.batch_size)
+    ]
     start_all = time.perf_counter()
-    for start in range(0, len(images), args.batch_size):
-        if len(in_flight) == args.concurrency:
-            collect()
-        chunk = images[start : start + args.batch_size]
-        in_flight.append(
-            (start, client.infer_later(chunk, model, args.model_version, outputs=[DIGIT.name]))
-        )
-    while in_flight:
-        collect()
+    digits, latencies = asyncio.run(_infer_all(chunks, args))
     elapsed = time.perf_counter() - start_all
-    correct = int((digits == labels).sum())
+    correct = int((np.concatenate(digits) == labels).sum())
     latency_ms = np.array(latencies) * 1000
     print(f"accuracy {correct / len(labels):.6f} ({correct}/{len(labels)})")
     print(
         f"requests {len(latencies)} of up to {args.batch_size} images, {args.concurrency} at "
-        f"a time over {len(client.channels)} channel(s): p50 {np.percentile(latency_ms, 50):.2f} "
-        f"ms, p99 {np.percentile(latency_ms, 99):.2f} ms, {len(images) / elapsed:.0f} images/s"
+        f"a time over {args.channels} channel(s): p50 {np.percentile(latency_ms, 50):.2f} ms, "
+        f"p99 {np.percentile(latency_ms, 99):.2f} ms, {len(images) / elapsed:.0f} images/s"
     )
     return 0
+
+
+async def _infer_all(chunks: list[np.ndarray], args) -> tuple[list[np.ndarray], list[float]]:
+    """Each chunk's digits and seconds, sent by --concurrency tasks that take the channels
+    in turn. grpc.aio, not the blocking API: one event loop drives every channel, where
+    blocking channels would each need a thread of their own to wait on."""
+    model = args.model or DEFAULT_MODEL_NAME
+    options = channel_options(args.channels)
+    channels = [
+        grpc.aio.insecure_channel(args.server, options=options) for _ in range(args.channels)
+    ]
+    stubs = itertools.cycle([oip_grpc.GRPCInferenceServiceStub(channel) for channel in channels])
+    digits: list[np.ndarray] = [np.zeros(0, np.int64)] * len(chunks)
+    latencies = [0.0] * len(chunks)
+    todo = iter(range(len(chunks)))  # shared: each chunk is sent once
+
+    async def send() -> None:
+        for index in todo:
+            request = infer_request(chunks[index], model, args.model_version, [DIGIT.name])
+            begin = time.perf_counter()
+            response = await next(stubs).ModelInfer(request, timeout=args.timeout)
+            latencies[index] = time.perf_counter() - begin
+            digits[index] = decode_infer_response(response)[DIGIT.name]
+
+    try:
+        await asyncio.gather(*(send() for _ in range(min(args.concurrency, len(chunks)))))
+    finally:
+        for channel in channels:
+            await channel.close()
+    return digits, latencies
 
 
 def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -> None:
@@ -434,11 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.check and not args.files:
             parser.error("classify needs FILE... or --check IMAGES_IDX --labels LABELS_IDX")
     try:
+        if args.command == "classify" and args.check:
+            return _check(args.check, args.labels, args)
         with Mnist37Client(args.server, args.timeout, args.channels) as client:
             if args.command == "explain":
                 return _explain_files(client, args.files, args)
-            if args.check:
-                return _check(client, args.check, args.labels, args)
             return _classify_files(client, args.files, args)
     except grpc.RpcError as error:
         print(f"mnist37-client: {error.code().name}: {error.details()}", file=sys.stderr)
