@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -461,3 +462,41 @@ def test_a_workers_metrics_in_multiprocess_files_are_exact(tmp_path):
     assert value(samples, "mnist37_model_info", version="2", **info) == 1
     assert value(samples, "mnist37_inflight_requests") == 5
     assert not [key for key in samples if ("model", "") in key[1]], "no probe series"
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie waiting for its parent to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_a_second_signal_stops_every_worker_at_once(model_repository, tmp_path):
+    server = start_workers(model_repository, tmp_path, "--shutdown-timeout", "60", metrics=False)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5):  # silent
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        start = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(timeout=30) == 0, server.log()
+        seconds = time.monotonic() - start
+    print(f"\nstopped {seconds:.2f} s after the second SIGTERM")
+    log = server.log()
+    assert "second SIGTERM: the workers stop without waiting" in log
+    assert log.count("second SIGTERM: stopping without waiting") == WORKERS
+    assert seconds < 10
+
+
+def test_workers_whose_supervisor_is_killed_drain_and_exit(model_repository, tmp_path):
+    server = start_workers(model_repository, tmp_path, metrics=False)
+    pids = list(worker_pids(server).values())
+    assert len(pids) == WORKERS and all(alive(pid) for pid in pids)
+    server.process.kill()
+    server.process.wait(timeout=10)
+    deadline = time.monotonic() + 30
+    while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(alive(pid) for pid in pids), "no worker outlives its supervisor"
+    assert server.log().count("the supervisor is gone: draining") == WORKERS
