@@ -246,6 +246,7 @@ class Supervisor:
         self.failed: str | None = None  # why the supervisor exits 1
         self.metrics: SupervisorMetrics | None = None
         self._signals = 0
+        self._forwarded: set[int] = set()  # the stop signals sent to the workers
         self._stopped = asyncio.Event()
         self._reservations: list[Reservation] = []
         self._multiprocess_dir: Path | None = None
@@ -363,6 +364,7 @@ class Supervisor:
         self._count_workers()
         log.info("started worker %d (pid %d)", index, process.pid)
         if self.stopping:  # a stop came while it started: it missed the signal
+            self._forwarded.add(signal.SIGTERM)
             self._signal(worker, signal.SIGTERM)
         return worker
 
@@ -424,9 +426,12 @@ class Supervisor:
         self._count_workers()
         code = worker.process.returncode
         if self.stopping:
-            level = logging.INFO if code == 0 else logging.ERROR
+            # Killed by a stop signal it was sent: it had no handler for it, so it was not
+            # serving (not started yet, or its drain done and its event loop closed).
+            stopped = code == 0 or -code in self._forwarded
+            level = logging.INFO if stopped else logging.ERROR
             log.log(level, "worker %d (pid %d) %s", worker.index, worker.pid, describe_exit(code))
-            if code != 0 and worker.ready and not self.failed:
+            if not stopped and worker.ready and not self.failed:
                 self.failed = f"worker {worker.index} {describe_exit(code)} while stopping"
 
     def _count_workers(self) -> None:
@@ -450,6 +455,7 @@ class Supervisor:
 
     def _stop(self, number: int) -> None:
         self.stopping = True
+        self._forwarded.add(number)
         for worker in self.workers:
             self._signal(worker, number)
         self._stopped.set()
