@@ -452,7 +452,7 @@ async def serve(config: ServerConfig, supervisor: SupervisorLink | None = None) 
             await server.http.stop()
         raise
     if supervisor is not None:
-        supervisor.started(loop, lambda: stop.set())
+        supervisor.started(loop, stop.set)
     await stop.wait()
     await server.drain_and_stop(force)
     return 0
