@@ -15,8 +15,8 @@ variable, which beats the field's default. An empty variable counts as unset.
     print(flag_table(Settings))                # the Markdown table the docs embed
 
 Field types: str, int, float, Path, bool (a switch: `--no-progress`; its variable takes
-1/0, true/false, yes/no or on/off) and `X | None` of the first four; `parse=` converts and checks a value its type alone cannot
-(`--workers`: a number or `auto`). A class may set
+1/0, true/false, yes/no or on/off) and `X | None` of the first four; `parse=` converts and
+checks a value its type alone cannot (`--workers`: a number or `auto`). A class may set
 `env_prefix` (a ClassVar, default MNIST37_). `python -m serving.config CLI` prints the
 table of each command built here (COMMANDS).
 """
