@@ -507,3 +507,12 @@ def test_workers_whose_supervisor_is_killed_drain_and_exit(model_repository, tmp
         time.sleep(0.1)
     assert not any(alive(pid) for pid in pids), "no worker outlives its supervisor"
     assert server.log().count("the supervisor is gone: draining") == WORKERS
+
+
+def test_an_error_every_worker_would_hit_is_reported_once(tmp_path):
+    refused = start_server(tmp_path / "no-such-repository", tmp_path, "--workers", "2", wait=False)
+    assert refused.process.wait(timeout=60) == 1
+    log = refused.log()
+    assert log.count("refusing to start: model repository") == 1, "by worker 0 alone"
+    assert "worker 0 exited with status 1 before it served" in log
+    assert "started worker 1" not in log
