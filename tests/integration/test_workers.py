@@ -475,7 +475,11 @@ def alive(pid: int) -> bool:
 
 
 def test_a_second_signal_stops_every_worker_at_once(model_repository, tmp_path):
-    server = start_workers(model_repository, tmp_path, "--shutdown-timeout", "60", metrics=False)
+    environment = {"MNIST37_WORKERS": str(WORKERS)}
+    server = start_server(
+        model_repository, tmp_path, "--shutdown-timeout", "60", environment=environment
+    )
+    assert f"{WORKERS} workers serving on" in server.log(), "the launcher waits for every worker"
     # Silent connections (never a byte) hold each worker's drain for up to grpc's 5 s
     # handshake timeout; 16 of them reach both workers but with odds of 2 in 65,536.
     silent = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(16)]
