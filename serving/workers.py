@@ -39,9 +39,10 @@ whole server, and:
   supervisor alone, which forwards it once (twice would cut the drain short).
 - **Crashes.** A worker that dies while the server runs is logged, counted and restarted
   after `FIRST_RESTART_DELAY`, doubled for each death within `STABLE_SECONDS` of its
-  start. After `MAX_QUICK_DEATHS` such deaths in a row restarting does not help: the
-  supervisor stops the other workers and exits 1. A worker whose supervisor is gone (its
-  control socket reads end-of-file) drains and exits, so no orphan keeps the port.
+  start. When `MAX_QUICK_DEATHS` restarts in a row died that quickly, restarting does not
+  help: the supervisor stops the other workers and exits 1. A worker whose supervisor is
+  gone (its control socket reads end-of-file) drains and exits, so no orphan keeps the
+  port.
 - **Startup.** Worker 0 starts first: an error that stops every worker (a bad TLS file,
   no repository) is reported once, by it, and the supervisor exits 1. Then the others
   start together.
@@ -75,10 +76,10 @@ from serving.server import StartupError, serve
 log = logging.getLogger("serving.workers")
 
 # A worker that dies within this many seconds of its start died "quickly": the delay before
-# its restart doubles, and after MAX_QUICK_DEATHS quick deaths in a row the server stops.
+# its restart doubles (0.25, 0.5, 1, 2 s), and after MAX_QUICK_DEATHS quick deaths in a
+# row the server stops: a worker that crashes as it starts must not spin.
 STABLE_SECONDS = 30.0
 FIRST_RESTART_DELAY = 0.25
-MAX_RESTART_DELAY = 8.0
 MAX_QUICK_DEATHS = 4
 # What a worker sends on its control socket once it serves.
 READY = b"ready\n"
@@ -398,7 +399,7 @@ class Supervisor:
                     f"{STABLE_SECONDS:g} s of its start (last: it {describe_exit(code)})"
                 )
                 return
-            delay = min(FIRST_RESTART_DELAY * 2 ** (quick_deaths - 1), MAX_RESTART_DELAY)
+            delay = FIRST_RESTART_DELAY * 2 ** (quick_deaths - 1)
             log.error(
                 "worker %d (pid %d) %s after %.1f s: restarting it in %.2f s",
                 index,
