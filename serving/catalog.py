@@ -27,6 +27,10 @@ SERVER_NAME = "mnist37"
 PLATFORM = "onnxruntime_onnx"
 # `binary_tensor_data`: HTTP's binary tensors (Triton lists its extensions for both protocols).
 EXTENSIONS = ("model_configuration", "statistics", "model_repository", "binary_tensor_data")
+# With --workers N: ServerMetadata names the worker that answered, in this gRPC trailing
+# metadata key and HTTP header (its index, 0 to N-1), so a client can see where its
+# connection went. Only there: every other answer stays as it is, at no cost.
+WORKER_KEY = "mnist37-worker"
 
 _CONFIG_TYPES = {
     "UINT8": config_pb.TYPE_UINT8,
@@ -52,8 +56,12 @@ class Catalog:
         repository: Path,
         max_queue_delay_us: int,
         keep_versions: int = 1,
+        worker: int | None = None,
     ) -> None:
+        """`worker`: this process's index among the workers of `--workers N` (None: the
+        only process). Its statistics are its own (see `statistics`)."""
         self.dataplane = dataplane
+        self.worker = worker
         self.edge = edge
         self.registry = dataplane.registry
         self.repository = repository
@@ -77,6 +85,10 @@ class Catalog:
 
     def server_metadata(self) -> pb.ServerMetadataResponse:
         return self._metadata
+
+    def worker_metadata(self) -> tuple[tuple[str, str], ...]:
+        """What ServerMetadata adds to its answer: (WORKER_KEY, index) from a worker."""
+        return () if self.worker is None else ((WORKER_KEY, str(self.worker)),)
 
     def model_metadata(self, model: LoadedModel) -> pb.ModelMetadataResponse:
         tensor = pb.ModelMetadataResponse.TensorMetadata
@@ -145,7 +157,11 @@ class Catalog:
 
     def statistics(self, call: EdgeCall, name: str, version: str) -> pb.ModelStatisticsResponse:
         """Every loaded version's statistics, or `name`'s (all its versions), or one
-        version's; an unknown name or version is ModelNotFound. Labels `call` with it."""
+        version's; an unknown name or version is ModelNotFound. Labels `call` with it.
+        With --workers N they are this worker's: the requests that came over connections
+        the kernel gave it. They are not summed across workers (that would take a round
+        trip to every worker per call); a client that reads them over the connection it
+        sends on, as perf_analyzer does, sees its own requests counted."""
         if name and version:
             models = [call.resolve(name, version)]
         elif name:

@@ -5,13 +5,18 @@ mnist37-client classify t10k-images-idx3-ubyte.gz    # every image of an IDX fil
 mnist37-client classify --check IMAGES_IDX --labels LABELS_IDX   # accuracy + latency
 mnist37-client explain digit.png --out explanation.png   # the pixel votes, as a picture
 mnist37-client explain digit.png other.png --out pictures/   # one picture per image
+mnist37-client --channels 16 classify --check IMAGES_IDX --labels LABELS_IDX \
+    --batch-size 1 --concurrency 16        # 16 requests in flight over 16 connections
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import itertools
 import os
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -62,19 +67,24 @@ class Explanation:
 
 
 class Mnist37Client:
-    """Blocking client for both APIs. Use as a context manager or call `close()`."""
+    """Blocking client for both APIs. Use as a context manager or call `close()`.
 
-    def __init__(self, target: str = DEFAULT_SERVER, timeout: float = 30.0) -> None:
-        self.channel = grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-                ("grpc.max_send_message_length", 64 * 1024 * 1024),
-            ],
-        )
+    One channel is one connection, which a server with `--workers N` gives to one of its
+    workers. With `channels` > 1 the client opens that many connections and takes them in
+    turn, call by call, so that its requests spread over the workers."""
+
+    def __init__(self, target: str = DEFAULT_SERVER, timeout: float = 30.0, channels: int = 1):
+        options = channel_options(channels)
+        self.channels = [grpc.insecure_channel(target, options=options) for _ in range(channels)]
+        self.channel = self.channels[0]
         self.timeout = timeout
-        self.classifier = classifier_grpc.ClassifierStub(self.channel)
-        self.inference = oip_grpc.GRPCInferenceServiceStub(self.channel)
+        self._stubs = [
+            (classifier_grpc.ClassifierStub(channel), oip_grpc.GRPCInferenceServiceStub(channel))
+            for channel in self.channels
+        ]
+        self.classifier, self.inference = self._stubs[0]
+        self._turns = itertools.cycle(self._stubs)
+        self._turn_lock = threading.Lock()  # calls may come from several threads
 
     def __enter__(self) -> Mnist37Client:
         return self
@@ -83,7 +93,15 @@ class Mnist37Client:
         self.close()
 
     def close(self) -> None:
-        self.channel.close()
+        for channel in self.channels:
+            channel.close()
+
+    def _next_stubs(
+        self,
+    ) -> tuple[classifier_grpc.ClassifierStub, oip_grpc.GRPCInferenceServiceStub]:
+        """The next channel's stubs (the only one's, with one channel)."""
+        with self._turn_lock:
+            return next(self._turns)
 
     def classify(
         self,
@@ -93,7 +111,7 @@ class Mnist37Client:
     ) -> list[Prediction]:
         """Classify images given as PNG bytes, 784 raw bytes or uint8 [28, 28] arrays."""
         request = _classify_request(images, model_name, model_version)
-        response = self.classifier.Classify(request, timeout=self.timeout)
+        response = self._next_stubs()[0].Classify(request, timeout=self.timeout)
         return [
             Prediction(p.digit, p.probability_seven, p.model_name, p.model_version)
             for p in response.predictions
@@ -107,7 +125,7 @@ class Mnist37Client:
     ) -> list[Explanation]:
         """Explain the predictions for images given as `classify` takes them."""
         request = _classify_request(images, model_name, model_version)
-        response = self.classifier.Explain(request, timeout=self.timeout)
+        response = self._next_stubs()[0].Explain(request, timeout=self.timeout)
         return [
             Explanation(
                 pixels=_grid(e.pixels, np.uint8, "pixels"),
@@ -132,18 +150,45 @@ class Mnist37Client:
         request_id: str = "",
     ) -> dict[str, np.ndarray]:
         """ModelInfer on uint8 [N, 28, 28]; returns the outputs by name."""
-        request = oip_pb.ModelInferRequest(
-            model_name=model_name, model_version=model_version, id=request_id
-        )
-        tensor = request.inputs.add(name=IMAGES.name, datatype=IMAGES.datatype, shape=images.shape)
-        if raw:
-            request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
-        else:
-            tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
-        for name in outputs:
-            request.outputs.add(name=name)
-        response = self.inference.ModelInfer(request, timeout=self.timeout)
+        request = infer_request(images, model_name, model_version, outputs, raw, request_id)
+        response = self._next_stubs()[1].ModelInfer(request, timeout=self.timeout)
         return decode_infer_response(response)
+
+
+def channel_options(channels: int = 1) -> list[tuple[str, int]]:
+    """The client's channel arguments, for one of `channels` channels to one server."""
+    options = [
+        ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+        ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ]
+    if channels > 1:
+        # grpc shares one connection between channels with the same target and arguments
+        # (its process-wide subchannel pool): a pool of each channel's own makes each one
+        # open a connection of its own.
+        options.append(("grpc.use_local_subchannel_pool", 1))
+    return options
+
+
+def infer_request(
+    images: np.ndarray,
+    model_name: str = DEFAULT_MODEL_NAME,
+    model_version: str = "",
+    outputs: Sequence[str] = (),
+    raw: bool = True,
+    request_id: str = "",
+) -> oip_pb.ModelInferRequest:
+    """A ModelInfer request for uint8 [N, 28, 28] images, raw or typed."""
+    request = oip_pb.ModelInferRequest(
+        model_name=model_name, model_version=model_version, id=request_id
+    )
+    tensor = request.inputs.add(name=IMAGES.name, datatype=IMAGES.datatype, shape=images.shape)
+    if raw:
+        request.raw_input_contents.append(np.ascontiguousarray(images, np.uint8).tobytes())
+    else:
+        tensor.contents.uint_contents.extend(images.reshape(-1).tolist())
+    for name in outputs:
+        request.outputs.add(name=name)
+    return request
 
 
 def _classify_request(
@@ -259,36 +304,63 @@ def _explain_files(client: Mnist37Client, files: Sequence[Path], args) -> int:
     return 0
 
 
-def _check(client: Mnist37Client, images_path: Path, labels_path: Path, args) -> int:
+def _check(images_path: Path, labels_path: Path, args) -> int:
+    """Accuracy, latency and throughput: every image sent once, in --batch-size requests,
+    --concurrency of them in flight over --channels connections."""
     images = read_images(images_path)
     labels = read_labels(labels_path).astype(np.int64)
     if len(images) != len(labels):
         raise IdxError(f"{len(images)} images but {len(labels)} labels")
-    digits = np.empty(len(images), dtype=np.int64)
-    latencies = []
-    model = args.model or DEFAULT_MODEL_NAME
+    chunks = [
+        images[start : start + args.batch_size] for start in range(0, len(images), args.batch_size)
+    ]
     start_all = time.perf_counter()
-    for start in range(0, len(images), args.batch_size):
-        chunk = images[start : start + args.batch_size]
-        begin = time.perf_counter()
-        outputs = client.infer(chunk, model, args.model_version, outputs=[DIGIT.name])
-        latencies.append(time.perf_counter() - begin)
-        digits[start : start + len(chunk)] = outputs[DIGIT.name]
+    digits, latencies = asyncio.run(_infer_all(chunks, args))
     elapsed = time.perf_counter() - start_all
-    correct = int((digits == labels).sum())
+    correct = int((np.concatenate(digits) == labels).sum())
     latency_ms = np.array(latencies) * 1000
     print(f"accuracy {correct / len(labels):.6f} ({correct}/{len(labels)})")
     print(
-        f"requests {len(latencies)} of up to {args.batch_size} images: "
-        f"p50 {np.percentile(latency_ms, 50):.2f} ms, p99 {np.percentile(latency_ms, 99):.2f} ms, "
-        f"{len(images) / elapsed:.0f} images/s"
+        f"requests {len(latencies)} of up to {args.batch_size} images, {args.concurrency} at "
+        f"a time over {args.channels} channel(s): p50 {np.percentile(latency_ms, 50):.2f} ms, "
+        f"p99 {np.percentile(latency_ms, 99):.2f} ms, {len(images) / elapsed:.0f} images/s"
     )
     return 0
 
 
+async def _infer_all(chunks: list[np.ndarray], args) -> tuple[list[np.ndarray], list[float]]:
+    """Each chunk's digits and seconds, sent by --concurrency tasks that take the channels
+    in turn. grpc.aio, not the blocking API: one event loop drives every channel, where
+    blocking channels would each need a thread of their own to wait on."""
+    model = args.model or DEFAULT_MODEL_NAME
+    options = channel_options(args.channels)
+    channels = [
+        grpc.aio.insecure_channel(args.server, options=options) for _ in range(args.channels)
+    ]
+    stubs = itertools.cycle([oip_grpc.GRPCInferenceServiceStub(channel) for channel in channels])
+    digits: list[np.ndarray] = [np.zeros(0, np.int64)] * len(chunks)
+    latencies = [0.0] * len(chunks)
+    todo = iter(range(len(chunks)))  # shared: each chunk is sent once
+
+    async def send() -> None:
+        for index in todo:
+            request = infer_request(chunks[index], model, args.model_version, [DIGIT.name])
+            begin = time.perf_counter()
+            response = await next(stubs).ModelInfer(request, timeout=args.timeout)
+            latencies[index] = time.perf_counter() - begin
+            digits[index] = decode_infer_response(response)[DIGIT.name]
+
+    try:
+        await asyncio.gather(*(send() for _ in range(min(args.concurrency, len(chunks)))))
+    finally:
+        for channel in channels:
+            await channel.close()
+    return digits, latencies
+
+
 def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -> None:
-    """--server and --timeout; without `defaults` a value given here overrides, and an
-    absent one leaves the main parser's value alone."""
+    """--server, --timeout and --channels; without `defaults` a value given here
+    overrides, and an absent one leaves the main parser's value alone."""
     server_default = os.environ.get("MNIST37_SERVER", DEFAULT_SERVER)
     parser.add_argument(
         "--server",
@@ -300,6 +372,13 @@ def _add_connection_arguments(parser: argparse.ArgumentParser, defaults: bool) -
         type=float,
         default=30.0 if defaults else argparse.SUPPRESS,
         help="seconds per request (default 30)",
+    )
+    parser.add_argument(
+        "--channels",
+        type=parse_as(int, POSITIVE),
+        default=1 if defaults else argparse.SUPPRESS,
+        help="gRPC connections to open and take in turn: a server with --workers gives each "
+        "connection to one worker (default 1)",
     )
 
 
@@ -327,6 +406,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("files", nargs="*", type=Path, help="PNG files or IDX image files")
     classify.add_argument("--check", type=Path, metavar="IMAGES_IDX", help="accuracy mode")
     classify.add_argument("--labels", type=Path, metavar="LABELS_IDX", help="labels for --check")
+    classify.add_argument(
+        "--concurrency",
+        type=parse_as(int, POSITIVE),
+        default=1,
+        help="with --check: requests in flight at once, over --channels (default 1)",
+    )
     explain = commands.add_parser(
         "explain", help="draw why each image is a 3 or a 7: its pixel votes, logit and P(7)"
     )
@@ -355,11 +440,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.check and not args.files:
             parser.error("classify needs FILE... or --check IMAGES_IDX --labels LABELS_IDX")
     try:
-        with Mnist37Client(args.server, args.timeout) as client:
+        if args.command == "classify" and args.check:
+            return _check(args.check, args.labels, args)
+        with Mnist37Client(args.server, args.timeout, args.channels) as client:
             if args.command == "explain":
                 return _explain_files(client, args.files, args)
-            if args.check:
-                return _check(client, args.check, args.labels, args)
             return _classify_files(client, args.files, args)
     except grpc.RpcError as error:
         print(f"mnist37-client: {error.code().name}: {error.details()}", file=sys.stderr)

@@ -31,6 +31,24 @@ LOG_FORMATS = ("json", "text")
 # 1024 x 784 x 5 bytes (a pixel "255, ") = 4,014,080 bytes, about 4 MB (binary tensors: 784
 # bytes an image); 8 MiB leaves room for nesting, whitespace and base64 PNGs.
 HTTP_MAX_BODY_BYTES = 8 * 1024 * 1024
+AUTO_WORKERS = "auto"
+
+
+def parse_workers(text: str) -> str:
+    """`--workers`' value: a positive number of processes, or `auto` (decided at start by
+    `serving.workers.worker_count`: the cores this process may use)."""
+    word = text.strip().lower()
+    if word == AUTO_WORKERS:
+        return word
+    try:
+        count = int(word)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a positive number or {AUTO_WORKERS}, got {text}"
+        )
+    return str(count)
 
 
 @dataclass(frozen=True)
@@ -65,6 +83,14 @@ class ServerConfig:
         "127.0.0.1",
         "address the metrics port listens on, apart from gRPC's and HTTP's: it has no "
         "authentication, so expose it only to Prometheus",
+    )
+    workers: str = setting(
+        "1",
+        "server processes sharing the gRPC and HTTP ports (SO_REUSEPORT; a client's "
+        "connection stays with one): a number, or `auto` for the cores this process may use "
+        "(its CPU affinity, capped by its cgroup's `cpu.max`). Above 1, a supervisor starts "
+        "them, restarts one that dies, forwards signals and serves the summed metrics",
+        parse=parse_workers,
     )
     tls_cert: Path | None = setting(
         None, "PEM certificate chain: serve gRPC and HTTP (HTTPS) over TLS (with `--tls-key`)"

@@ -3,6 +3,7 @@ for the benchmark, the demo-style checks and the tests."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import grpc
 
+from serving.config import env_var, parse_workers
+from serving.cpus import worker_count
 from serving.generated.inference import grpc_service_pb2 as oip_pb
 from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 
@@ -40,6 +43,7 @@ class ServerProcess:
     log_path: Path
     http_port: int = 0  # 0: HTTP off
     tls: bool = False  # started with --tls-cert: gRPC over TLS, HTTPS
+    workers: int = 1  # server processes (--workers): above 1, a supervisor's workers
 
     @property
     def target(self) -> str:
@@ -84,7 +88,9 @@ def start_server(
     insecure and bare without them. `prefix` runs the server through another command (one
     that puts it into a memory-limited cgroup, say) that ends by exec-ing it. With `http`,
     the HTTP endpoints listen on another free port, else HTTP is off (`--http-port 0`; a
-    `--http-port` in `extra` wins). `environment` adds variables to the server's."""
+    `--http-port` in `extra` wins). `environment` adds variables to the server's. With
+    `--workers` above 1 (in `extra` or `environment`), `wait` also waits for every worker
+    to serve: the first one answers ServerReady before the others have loaded."""
     port = free_port()
     http_port = _other_free_port(port) if http else 0
     if "--http-port" in extra:  # the last one is the one the server takes
@@ -111,10 +117,24 @@ def start_server(
     env = {**os.environ, **(environment or {})}
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(process, port, log_path, http_port, tls="--tls-cert" in extra)
+    server = ServerProcess(
+        process, port, log_path, http_port, "--tls-cert" in extra, _workers(extra, env)
+    )
     if wait:
         wait_ready(server, timeout, credentials, metadata)
     return server
+
+
+def _workers(extra: Sequence[str], env: Mapping[str, str]) -> int:
+    """How many workers a server started with `extra` and `env` runs (0 if unparsable:
+    the server will refuse it)."""
+    text = env.get(env_var("workers"), "") or "1"
+    try:
+        if "--workers" in extra:  # the last one is the one the server takes
+            text = extra[len(extra) - extra[::-1].index("--workers")]
+        return worker_count(parse_workers(text))
+    except (IndexError, argparse.ArgumentTypeError):
+        return 0
 
 
 def _other_free_port(taken: int) -> int:
@@ -138,11 +158,16 @@ def wait_ready(
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
             raise ServerNotReady(f"server exited {server.process.returncode}:\n{server.log()}")
-        if _ready(server.target, credentials, metadata):
+        if _ready(server.target, credentials, metadata) and _all_workers_serve(server):
             return
         time.sleep(0.1)
     server.terminate()
     raise ServerNotReady(f"server not ready within {timeout}s:\n{server.log()}")
+
+
+def _all_workers_serve(server: ServerProcess) -> bool:
+    """With --workers N, whether the supervisor has said that all N serve."""
+    return server.workers <= 1 or f"{server.workers} workers serving on" in server.log()
 
 
 def _ready(target: str, credentials: grpc.ChannelCredentials | None, metadata: Metadata) -> bool:

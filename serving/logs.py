@@ -3,7 +3,9 @@ plain text for people, chosen with --log-format.
 
 A JSON line holds `ts` (UTC, ISO 8601 with milliseconds), `level`, `logger`, `message`,
 then the request fields a log call passes in `extra` (`rpc`, `model`, `version`, `code`,
-`peer`, `suppressed`) and `exception` with the traceback when there is one. Only failed
+`peer`, `suppressed`) and `exception` with the traceback when there is one; a worker of
+`--workers N` adds `worker` (its index, 0 to N-1, kept by the worker that replaces it)
+and `pid` to each of its lines. Only failed
 requests are logged (by `serving.edge.RpcCall`), never successful ones, and at most
 --log-failures-per-second of each kind (`FailureLogLimiter`).
 """
@@ -41,9 +43,18 @@ def _field(value: object) -> object:
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+WORKER_TEXT_FORMAT = (
+    "%(asctime)s %(levelname)s worker {worker} pid %(process)d %(name)s: %(message)s"
+)
 
 
 class JsonFormatter(logging.Formatter):
+    def __init__(self, worker: int | None = None) -> None:
+        """`worker`: the index of the worker process whose lines these are (None: the only
+        process, or the supervisor)."""
+        super().__init__()
+        self.worker = worker
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
@@ -51,6 +62,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": bounded(record.getMessage(), MAX_MESSAGE_CHARACTERS),
         }
+        if self.worker is not None:
+            entry["worker"] = self.worker
+            entry["pid"] = record.process
         for name in REQUEST_FIELDS:
             value = getattr(record, name, None)
             if value is not None:
@@ -63,10 +77,13 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    """The classic one-line format, with the request fields appended as `key=value`."""
+    """The classic one-line format, with the request fields appended as `key=value` (and
+    a worker's index and pid after the level)."""
 
-    def __init__(self) -> None:
-        super().__init__(TEXT_FORMAT)
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__(
+            TEXT_FORMAT if worker is None else WORKER_TEXT_FORMAT.format(worker=worker)
+        )
 
     def format(self, record: logging.LogRecord) -> str:
         line = bounded(super().format(record), MAX_MESSAGE_CHARACTERS + MAX_EXCEPTION_CHARACTERS)
@@ -81,13 +98,16 @@ class TextFormatter(logging.Formatter):
         return f"{first} [{' '.join(fields)}]{newline}{rest}"
 
 
-def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
+def configure_logging(
+    level: str, log_format: str, stream: TextIO | None = None, worker: int | None = None
+) -> None:
     """Send every log record of the process to `stream` (stderr by default) in
-    `log_format`, replacing any handlers set up before."""
+    `log_format`, replacing any handlers set up before; `worker`: the index of this worker
+    process, which each line then names."""
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format {log_format!r}: choose from {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(worker) if log_format == "json" else TextFormatter(worker))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

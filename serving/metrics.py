@@ -4,11 +4,20 @@ It keeps its own registry (no process-global state) and serves it over HTTP on
 --metrics-port. Label values arrive already bounded (see the protocol's docstring); the
 label children are cached per label tuple, so the hot path is a dict lookup, a counter
 increment and a histogram observation, with no `labels()` call.
+
+With `--workers N` (`serving.workers`) each worker's observer is `multiprocess`: its
+values live in prometheus_client's per-process files (PROMETHEUS_MULTIPROC_DIR, which the
+supervisor sets for its workers), and the supervisor's `SupervisorMetrics` serves their
+sum on the one metrics port. Counters and histograms add up; each gauge says how its
+workers' values combine (`multiprocess_mode`). What the files cannot do is delete a
+series: an unloaded version's series stay at their last values (its `mnist37_model_info`
+turns 0) until the server restarts.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -16,6 +25,7 @@ from wsgiref.simple_server import WSGIServer
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from serving.contract import DIGITS
 
@@ -32,6 +42,9 @@ PROBABILITY_BUCKETS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 
 # below it one by one (about 1 us each; the numpy pass costs about 8 us, measured).
 VECTORISE_FROM = 8
 OTHER_DIGIT = "other"
+# With --workers, how often each worker copies its in-flight count into its metrics file:
+# a worker is never scraped itself, so nothing could ask it at scrape time.
+IN_FLIGHT_SAMPLE_SECONDS = 0.1
 
 
 @dataclass(slots=True)
@@ -50,8 +63,12 @@ class _RpcSeries:
 
 
 class PrometheusObserver:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(
+        self, registry: CollectorRegistry | None = None, multiprocess: bool = False
+    ) -> None:
+        """`multiprocess`: a worker of `--workers N` (see the module docstring)."""
         self.registry = registry or CollectorRegistry()
+        self.multiprocess = multiprocess
         self.requests = Counter(
             "mnist37_requests",
             "Requests answered (gRPC and HTTP), by gRPC status code",
@@ -103,12 +120,14 @@ class PrometheusObserver:
             "mnist37_inflight_requests",
             "Inference requests (ModelInfer, Classify) being handled",
             registry=self.registry,
+            multiprocess_mode="livesum",  # workers: the live workers' counts added up
         )
         self.model_info = Gauge(
             "mnist37_model_info",
             "1 for each loaded model version, with its architecture and onnxruntime provider",
             ["model", "version", "arch", "provider"],
             registry=self.registry,
+            multiprocess_mode="livemax",  # workers: 1 while any live worker serves it
         )
         self.model_loads = Counter(
             "mnist37_model_load",
@@ -123,11 +142,25 @@ class PrometheusObserver:
         self._batch_series: dict[tuple[str, str], tuple[Histogram, Histogram, Histogram]] = {}
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
-        _check_histogram_internals(self.probability.labels("", ""))
-        self.probability.remove("", "")
+        self._sampler: threading.Thread | None = None
+        self._closed = threading.Event()
+        if not multiprocess:
+            # A worker's probe would stay in its metrics file for good (a multiprocess series
+            # cannot be removed): the supervisor checks the same library instead.
+            _check_histogram_internals(self.probability.labels("", ""))
+            self.probability.remove("", "")
 
     def watch_in_flight(self, read: Callable[[], int]) -> None:
-        self.in_flight.set_function(read)
+        if not self.multiprocess:
+            self.in_flight.set_function(read)
+            return
+
+        def sample() -> None:
+            while not self._closed.wait(IN_FLIGHT_SAMPLE_SECONDS):
+                self.in_flight.set(read())
+
+        self._sampler = threading.Thread(target=sample, name="in-flight-sampler", daemon=True)
+        self._sampler.start()
 
     def rpc_finished(
         self, protocol: str, rpc: str, model: str, version: str, code: str, seconds: float
@@ -202,7 +235,11 @@ class PrometheusObserver:
     def model_unloaded(self, model: str, version: str, arch: str, provider: str) -> None:
         """Removes the version's series: `model_info`, and the per-version counters and
         histograms, which would otherwise pile up with every reload (for rate() a series
-        that ends is no problem; one that is re-created later starts again from 0)."""
+        that ends is no problem; one that is re-created later starts again from 0).
+        A worker's files cannot drop a series: its `model_info` turns 0, the rest stay."""
+        if self.multiprocess:
+            self.model_info.labels(model, version, arch, provider).set(0)
+            return
         with contextlib.suppress(KeyError):  # never reported as loaded
             self.model_info.remove(model, version, arch, provider)
         for key in [key for key in list(self._rpc_series) if key[2:4] == (model, version)]:
@@ -220,6 +257,46 @@ class PrometheusObserver:
 
     def serve(self, host: str, port: int) -> None:
         self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+
+    def close(self) -> None:
+        self._closed.set()
+        if self._sampler is not None:
+            self._sampler.join()
+            self._sampler = None
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+
+class SupervisorMetrics:
+    """The one /metrics of `--workers N`, served by the supervisor: the sum of its workers'
+    metrics, read from `multiprocess_dir` at each scrape, and its own (`None`: metrics are
+    off, only its own are kept)."""
+
+    def __init__(self, multiprocess_dir: str | os.PathLike[str] | None) -> None:
+        self.registry = CollectorRegistry()
+        self.multiprocess_dir = multiprocess_dir
+        if multiprocess_dir is not None:
+            MultiProcessCollector(self.registry, path=os.fspath(multiprocess_dir))
+        self.workers = Gauge("mnist37_workers", "Worker processes running", registry=self.registry)
+        self.restarts = Counter(
+            "mnist37_worker_restarts",
+            "Workers restarted after they died (crashed, killed) while the server ran",
+            registry=self.registry,
+        )
+        self._server: WSGIServer | None = None
+        # The workers write the same library's histograms: check its internals here, once.
+        _check_histogram_internals(Histogram("probe", "", registry=None))
+
+    def worker_exited(self, pid: int) -> None:
+        """A worker is gone: its live gauges (in-flight, model info) no longer count; its
+        counters and histograms still do, so the totals never go back."""
+        if self.multiprocess_dir is not None:
+            mark_process_dead(pid, os.fspath(self.multiprocess_dir))
+
+    def serve(self, host: str, port: int) -> None:
+        self._server, _ = start_http_server(port, addr=host, registry=self.registry)
 
     def close(self) -> None:
         if self._server is not None:

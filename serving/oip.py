@@ -40,6 +40,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ServerMetadataRequest, context
     ) -> pb.ServerMetadataResponse:
         async with RpcCall(self.dataplane, self.edge, "ServerMetadata", context):
+            worker = self.catalog.worker_metadata()
+            if worker:
+                context.set_trailing_metadata(worker)
             return self.catalog.server_metadata()
 
     async def ModelMetadata(

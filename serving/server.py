@@ -12,6 +12,10 @@ that keep sending). Then new inference requests are refused with UNAVAILABLE (a 
 retries elsewhere) while those in flight finish, and only once no request has arrived for
 the quiet period does the gRPC server stop: nothing is left for it to cancel. A second
 signal skips every wait and stops at once.
+
+With `--workers N` (N > 1; `serving.workers`) this process is a supervisor: it starts N
+worker processes that each run everything above, on the same gRPC and HTTP ports
+(SO_REUSEPORT), and forwards its signals to them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -42,6 +47,7 @@ from serving.classifier import MAX_EXPLANATION_BYTES, Classification, Classifier
 from serving.config import ServerConfig, load_config
 from serving.console import console_script
 from serving.contract import PIXELS
+from serving.cpus import worker_count
 from serving.dataplane import DataPlane
 from serving.edge import GRPC, EdgeState
 from serving.generated.inference import grpc_service_pb2 as oip_pb
@@ -61,6 +67,9 @@ from serving.rest.oip import InferenceEndpoints
 from serving.rest.server import HttpServer, HttpSettings
 from serving.rest.web import WebPage
 from serving.runtime import DeviceUnavailable, RuntimeOptions, requested_providers
+
+if TYPE_CHECKING:
+    from serving.workers import SupervisorLink
 
 log = logging.getLogger("serving")
 
@@ -82,10 +91,16 @@ class StartupError(Exception):
 
 
 class InferenceServer:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, worker: int | None = None) -> None:
+        """`worker`: this process's index among the workers of `--workers N`, which share
+        its ports (SO_REUSEPORT) and whose metrics the supervisor sums and serves; None
+        for the only process."""
         self.config = config
+        self.worker = worker
         self.registry = ModelRegistry()
-        self.observer = PrometheusObserver() if config.metrics_port else None
+        self.observer = (
+            PrometheusObserver(multiprocess=worker is not None) if config.metrics_port else None
+        )
         self.dataplane = DataPlane(self.registry, config.max_request_images, self.observer)
         # One edge state for both servicers: the drain counts and stops them together.
         self.edge = EdgeState(FailureLogLimiter(config.log_failures_per_second))
@@ -104,6 +119,7 @@ class InferenceServer:
             config.repository,
             config.max_queue_delay_us,
             config.keep_versions,
+            worker,
         )
         self.classification = Classification(
             self.dataplane,
@@ -163,7 +179,7 @@ class InferenceServer:
         await self._update_health()
         await self.grpc_server.start()
         await self._start_http()
-        if self.observer is not None:
+        if self.observer is not None and self.worker is None:  # a worker's: the supervisor's
             try:
                 self.observer.serve(config.metrics_host, config.metrics_port)
             except OSError as error:
@@ -196,6 +212,7 @@ class InferenceServer:
             open_health=not self.config.protect_health,
             ssl_context=self.ssl_context,
             shutdown_timeout=self.config.shutdown_timeout,
+            reuse_port=self.worker is not None,
         )
         try:
             await self.http.start()
@@ -278,7 +295,10 @@ class InferenceServer:
             # Ping idle-looking clients, drop those that do not answer within 20 s.
             ("grpc.keepalive_time_ms", 60_000),
             ("grpc.keepalive_timeout_ms", 20_000),
-            ("grpc.so_reuseport", 0),
+            # Off, so that a port another server holds is refused, not silently shared
+            # (grpc's default on Linux is on); on for the workers of --workers N, which share
+            # it on purpose, the supervisor having checked that no one else holds it.
+            ("grpc.so_reuseport", int(self.worker is not None)),
         ]
 
     def _interceptors(self) -> list[grpc.aio.ServerInterceptor]:
@@ -407,8 +427,10 @@ class InferenceServer:
         log.info("stopped")
 
 
-async def serve(config: ServerConfig) -> int:
-    server = InferenceServer(config)
+async def serve(config: ServerConfig, supervisor: SupervisorLink | None = None) -> int:
+    """Serve until SIGTERM/SIGINT, then drain; a worker of --workers N (with `supervisor`,
+    its link to the supervisor) also drains when the supervisor is gone."""
+    server = InferenceServer(config, None if supervisor is None else supervisor.index)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     force = asyncio.Event()
@@ -439,6 +461,8 @@ async def serve(config: ServerConfig) -> int:
         if server.http is not None:
             await server.http.stop()
         raise
+    if supervisor is not None:
+        supervisor.started(loop, stop.set)
     await stop.wait()
     await server.drain_and_stop(force)
     return 0
@@ -486,6 +510,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.log_level, config.log_format)
     try:
         refuse_busy_ports(config)
+        workers = worker_count(config.workers)
+        if workers > 1:
+            # Imported here: serving.workers imports this module (its workers run serve()).
+            from serving.workers import supervise
+
+            return supervise(config, workers)
         return asyncio.run(serve(config))
     except (StartupError, DeviceUnavailable) as error:
         log.error("refusing to start: %s", error)

@@ -15,7 +15,8 @@ variable, which beats the field's default. An empty variable counts as unset.
     print(flag_table(Settings))                # the Markdown table the docs embed
 
 Field types: str, int, float, Path, bool (a switch: `--no-progress`; its variable takes
-1/0, true/false, yes/no or on/off) and `X | None` of the first four. A class may set
+1/0, true/false, yes/no or on/off) and `X | None` of the first four; `parse=` converts and
+checks a value its type alone cannot (`--workers`: a number or `auto`). A class may set
 `env_prefix` (a ClassVar, default MNIST37_). `python -m serving.config CLI` prints the
 table of each command built here (COMMANDS).
 """
@@ -99,6 +100,9 @@ class Setting:
     default_help: str | None = None
     # Required unless its variable is set.
     required: bool = False
+    # Converts and checks the text of a value the field's type alone cannot check (a number
+    # or a word, say); raises argparse.ArgumentTypeError saying what it wanted.
+    parse: Callable[[str], Any] | None = None
 
 
 def setting(
@@ -109,9 +113,10 @@ def setting(
     allowed: Range | None = None,
     default_help: str | None = None,
     required: bool = False,
+    parse: Callable[[str], Any] | None = None,
 ) -> Any:
     """A dataclass field that is a command-line setting."""
-    meta = Setting(help, tuple(choices), allowed, default_help, required)
+    meta = Setting(help, tuple(choices), allowed, default_help, required, parse)
     return field(default=default, metadata={_METADATA_KEY: meta})
 
 
@@ -163,7 +168,8 @@ def build_parser(cls: type, environ: Mapping[str, str] | None = None) -> argpars
         if kind is bool:
             options.update(action="store_const", const=True)
         else:
-            options.update(type=parse_as(kind, meta.allowed), choices=meta.choices or None)
+            convert = meta.parse or parse_as(kind, meta.allowed)
+            options.update(type=convert, choices=meta.choices or None)
             options["required"] = meta.required and not _env_text(environ, item, cls)
         parser.add_argument(flag(item.name), help=help_text, **options)
     return parser
@@ -269,6 +275,8 @@ def _from_env(text: str, kind: type, meta: Setting) -> Any:
         if word not in TRUE_WORDS + FALSE_WORDS:
             raise ValueError(f"expected one of {', '.join(TRUE_WORDS + FALSE_WORDS)}")
         return word in TRUE_WORDS
+    if meta.parse is not None:
+        return meta.parse(text)
     try:
         value = parse_as(kind, meta.allowed)(text)
     except ValueError:

@@ -82,7 +82,9 @@ class InferenceEndpoints:
         return _status({"name": name, "ready": ready}, ready)
 
     async def server_metadata(self, request: web.Request, call: HttpCall) -> web.Response:
-        return json_response(message_json(self.catalog.server_metadata()))
+        response = json_response(message_json(self.catalog.server_metadata()))
+        response.headers.update(self.catalog.worker_metadata())
+        return response
 
     async def model_metadata(self, request: web.Request, call: HttpCall) -> web.Response:
         model = call.resolve(*_model(request))

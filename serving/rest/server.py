@@ -78,8 +78,12 @@ class HttpServer:
         open_health: bool = False,
         ssl_context: ssl.SSLContext | None = None,
         shutdown_timeout: float = 30.0,
+        reuse_port: bool = False,
     ) -> None:
+        """`reuse_port`: listen with SO_REUSEPORT, beside the other workers of
+        `--workers N` on the same port (the kernel spreads connections between them)."""
         self.settings = settings
+        self.reuse_port = reuse_port
         self.host = host
         self.dataplane = dataplane
         self.edge = edge
@@ -106,7 +110,11 @@ class HttpServer:
         """Listen on host:port; OSError if it cannot."""
         await self._runner.setup()
         site = web.TCPSite(
-            self._runner, self.host, self.settings.port, ssl_context=self.ssl_context
+            self._runner,
+            self.host,
+            self.settings.port,
+            ssl_context=self.ssl_context,
+            reuse_port=self.reuse_port or None,  # None: asyncio's default, not set
         )
         try:
             await site.start()

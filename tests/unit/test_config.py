@@ -9,10 +9,17 @@ import re
 from helpers import REPO_ROOT
 
 from serving.config import build_parser, flag_table
-from serving.metrics import PrometheusObserver
+from serving.metrics import PrometheusObserver, SupervisorMetrics
 
 SERVING_DOC = REPO_ROOT / "docs" / "serving.md"
 DOCS = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+
+
+def exported_families() -> list:
+    """Every metric family the server exports: each worker's (or the only process's) and
+    the supervisor's of --workers N."""
+    registries = (PrometheusObserver().registry, SupervisorMetrics(None).registry)
+    return [family for registry in registries for family in registry.collect()]
 
 
 def section(path, title: str) -> str:
@@ -38,7 +45,7 @@ def test_every_metric_the_docs_name_is_exported():
     suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
     exported = {
         family.name + suffix
-        for family in PrometheusObserver().registry.collect()
+        for family in exported_families()
         for suffix in ("", *suffixes.get(family.type, ()))
     }
     named = {}
@@ -51,7 +58,7 @@ def test_every_metric_the_docs_name_is_exported():
 
 
 def test_the_metrics_page_documents_every_exported_family():
-    families = {family.name for family in PrometheusObserver().registry.collect()}
+    families = {family.name for family in exported_families()}
     table = section(REPO_ROOT / "docs" / "metrics.md", "Metrics")
     documented = set(re.findall(r"^\| `(mnist37_[a-z_]+)` \|", table, re.MULTILINE))
     counters = {name.removesuffix("_total") for name in documented}
