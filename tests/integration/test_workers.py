@@ -167,13 +167,13 @@ def test_metrics_are_the_sum_over_the_workers(workers):
         for channel in channels:
             channel.close()
     after = metrics(workers)
-    ok = {"rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
+    ok = {"protocol": "grpc", "rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
     version = {"model": "mnist37", "version": "2"}
     requests = value(after, "mnist37_requests_total", **ok) - value(
         before, "mnist37_requests_total", **ok
     )
     assert requests == sent_requests == 32
-    duration = {"rpc": "ModelInfer", "model": "mnist37"}
+    duration = {"protocol": "grpc", "rpc": "ModelInfer", "model": "mnist37"}
     assert (
         value(after, "mnist37_request_duration_seconds_count", **duration)
         - value(before, "mnist37_request_duration_seconds_count", **duration)
@@ -368,7 +368,13 @@ def test_a_killed_worker_is_replaced_and_counted(model_repository, tmp_path):
         samples = metrics(server)
         assert value(samples, "mnist37_worker_restarts_total") == 1
         assert value(samples, "mnist37_workers") == WORKERS
-        ok = {"rpc": "ModelInfer", "model": "mnist37", "version": "2", "code": "OK"}
+        ok = {
+            "protocol": "grpc",
+            "rpc": "ModelInfer",
+            "model": "mnist37",
+            "version": "2",
+            "code": "OK",
+        }
         assert value(samples, "mnist37_requests_total", **ok) == 20, "a dead worker's counts stay"
         wait_for(lambda: value(metrics(server), "mnist37_inflight_requests") == 0, server, "0", 5)
         channels = [connection(server.target) for _ in range(16)]
