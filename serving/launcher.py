@@ -90,12 +90,13 @@ def start_server(
     the HTTP endpoints listen on another free port, else HTTP is off (`--http-port 0`; a
     `--http-port` in `extra` wins). `environment` adds variables to the server's. With
     `--workers` above 1 (in `extra` or `environment`), `wait` also waits for every worker
-    to serve: the first one answers ServerReady before the others have loaded."""
+    to serve: the first one answers ServerReady before the others have loaded. It learns
+    that from the supervisor's "N workers serving" line, logged at `info`, so such a
+    server must not be started with a quieter `--log-level`."""
     port = free_port()
     http_port = _other_free_port(port) if http else 0
-    if "--http-port" in extra:  # the last one is the one the server takes
-        last = len(extra) - 1 - extra[::-1].index("--http-port")
-        http_port = int(extra[last + 1])
+    if (given := _last_value(extra, "--http-port")) is not None:
+        http_port = int(given)
     log_path = log_dir / f"server-{port}.log"
     command = [
         *prefix,
@@ -117,9 +118,15 @@ def start_server(
     env = {**os.environ, **(environment or {})}
     with open(log_path, "w") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-    server = ServerProcess(
-        process, port, log_path, http_port, "--tls-cert" in extra, _workers(extra, env)
-    )
+    workers = _workers(extra, env)
+    if wait and workers > 1 and _log_level(extra, env) not in ("debug", "info"):
+        process.kill()
+        process.wait()
+        raise ValueError(
+            "start_server(wait=True) with --workers above 1 needs --log-level info or debug: "
+            'it waits for the supervisor\'s "N workers serving" line, logged at info'
+        )
+    server = ServerProcess(process, port, log_path, http_port, "--tls-cert" in extra, workers)
     if wait:
         wait_ready(server, timeout, credentials, metadata)
     return server
@@ -128,13 +135,24 @@ def start_server(
 def _workers(extra: Sequence[str], env: Mapping[str, str]) -> int:
     """How many workers a server started with `extra` and `env` runs (0 if unparsable:
     the server will refuse it)."""
-    text = env.get(env_var("workers"), "") or "1"
+    text = _last_value(extra, "--workers") or env.get(env_var("workers"), "") or "1"
     try:
-        if "--workers" in extra:  # the last one is the one the server takes
-            text = extra[len(extra) - extra[::-1].index("--workers")]
         return worker_count(parse_workers(text))
-    except (IndexError, argparse.ArgumentTypeError):
+    except argparse.ArgumentTypeError:
         return 0
+
+
+def _log_level(extra: Sequence[str], env: Mapping[str, str]) -> str:
+    """The logging level a server started with `extra` and `env` runs at."""
+    return _last_value(extra, "--log-level") or env.get(env_var("log_level"), "") or "info"
+
+
+def _last_value(extra: Sequence[str], flag: str) -> str | None:
+    """The value of the last `flag` in `extra` (the one the server takes), else None."""
+    if flag not in extra:
+        return None
+    index = len(extra) - 1 - list(extra)[::-1].index(flag)
+    return extra[index + 1] if index + 1 < len(extra) else None
 
 
 def _other_free_port(taken: int) -> int:

@@ -1,7 +1,9 @@
 """Start the servers a sweep measures, on free loopback ports, and stop them.
 
 mnist37 runs as `python -m serving.server` (`serving.launcher`) with metrics on (a port of
-its own, as deployed) and failure logging at `warning`; the bare servers as
+its own, as deployed) and logging at `info` (start-up, reloads and failures: nothing per
+request; the launcher waits for the supervisor's `info` line that every worker serves); the
+bare servers as
 `python -m serving.bench.bare`. Each is ready once ServerReady answers true.
 """
 
@@ -48,7 +50,7 @@ def server_has_flag(flag: str) -> bool:
 
 
 def mnist37_flags(spec: ServerSpec, metrics_port: int) -> list[str]:
-    flags = [*BATCHING_FLAGS[spec.batching], "--log-level", "warning"]
+    flags = [*BATCHING_FLAGS[spec.batching], "--log-level", "info"]
     flags += ["--metrics-port", str(metrics_port)]
     # One worker is all a server without --workers has; asked for more, it must refuse.
     if spec.workers != "1" or server_has_flag("--workers"):

@@ -225,6 +225,35 @@ def test_perf_analyzer_runs_against_the_workers(workers):
     assert "Concurrency: 16, throughput:" in completed.stdout
 
 
+def test_the_benchmark_starts_workers_and_waits_for_every_one(model_repository, tmp_path):
+    # The sweep's own start path (servers.start -> launcher.start_server): it returns only
+    # once the supervisor says every worker serves, so the load's connections reach both.
+    from serving.bench.plan import ServerSpec
+    from serving.bench.servers import start
+
+    running = start(ServerSpec("mnist37", "on", str(WORKERS)), model_repository, tmp_path)
+    try:
+        assert f"{WORKERS} workers serving on" in running.process.log()
+        seen = set()
+        for _ in range(20):  # bounded: 20 fresh connections reach both workers by far
+            with connection(running.target("grpc")) as channel:
+                seen.add(worker_of(channel))
+            if len(seen) == WORKERS:
+                break
+        assert len(seen) == WORKERS, seen
+    finally:
+        assert running.stop() == 0, running.process.log()
+    # A level that hides that line would leave the wait blind: refused at once, saying why.
+    with pytest.raises(ValueError, match="needs --log-level info or debug"):
+        start_server(model_repository, tmp_path, "--workers", "2", "--log-level", "warning")
+    with pytest.raises(ValueError, match="needs --log-level info or debug"):
+        start_server(
+            model_repository,
+            tmp_path,
+            environment={"MNIST37_WORKERS": "2", "MNIST37_LOG_LEVEL": "error"},
+        )
+
+
 def test_busy_ports_are_refused_in_one_line(workers, model_repository, tmp_path):
     # The workers' port: neither a single server nor other workers may take it.
     for extra in (("--grpc-port", str(workers.port)), ("--workers", "2")):
