@@ -326,9 +326,10 @@ def _observe_many(child: Histogram, upper_bounds: np.ndarray, values: np.ndarray
     which is what `searchsorted(side="left")` finds. NaN sorts past +Inf, into the extra
     last slot, which is dropped."""
     counts = np.bincount(np.searchsorted(upper_bounds, values), minlength=len(upper_bounds) + 1)
-    buckets = child._buckets
-    for index in np.flatnonzero(counts[:-1]).tolist():
-        buckets[index].inc(int(counts[index]))
+    # A Python loop over the ~15 counts as ints costs a third of np.flatnonzero's.
+    for bucket, count in zip(child._buckets, counts.tolist()[:-1], strict=True):
+        if count:
+            bucket.inc(count)
     total = float(values.sum(dtype=np.float64))
     if total != total:
         total = float(np.nansum(values, dtype=np.float64))

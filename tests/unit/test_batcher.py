@@ -398,3 +398,61 @@ def test_a_split_request_runs_its_chunks_inline_one_loop_iteration_apart(executo
     np.testing.assert_array_equal(digit, np.arange(100, 140))
     assert model.batches == [8] * 6
     assert len(set(ticks)) >= 4, "the loop ran between the chunks"
+
+
+def test_a_full_batch_at_an_idle_batcher_runs_at_once_without_a_loop_iteration(executor):
+    """A request of max_batch_size images that finds nothing queued and nothing running
+    cannot share a batch: it runs inline before its caller yields (a callback scheduled
+    just before it has not run yet) and is counted like any batch."""
+    model = RecordingModel()
+    batches = []
+
+    async def scenario():
+        batcher = DynamicBatcher(
+            model,
+            executor,
+            max_batch_size=8,
+            inline_below_s=1.0,
+            on_batch=lambda size, waits, seconds: batches.append((size, len(waits))),
+        )
+        await batcher.infer(tagged(0, 8))  # the size class, measured in a worker thread
+        ran = []
+        asyncio.get_running_loop().call_soon(ran.append, True)
+        answer = await batcher.infer(tagged(50, 8))
+        return batcher, answer, list(ran)  # a copy: the loop runs on after this returns
+
+    batcher, (_, digit), ran = run(scenario())
+    np.testing.assert_array_equal(digit, np.arange(50, 58))
+    assert ran == [], "the full batch ran without giving the loop an iteration"
+    assert threading.main_thread().name in model.threads
+    assert batches == [(8, 1), (8, 1)]
+    assert batcher.stats.execution_count == 2 and batcher.stats.inference_count == 16
+
+
+def test_a_full_batch_still_queues_behind_a_running_batch(executor):
+    """Not idle: the full request waits its turn in the queue and the loop keeps going."""
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=4, inline_below_s=1.0)
+        await batcher.infer(tagged(0, 4))
+        small, full = batcher.infer(tagged(10, 1)), batcher.infer(tagged(20, 4))
+        return await asyncio.gather(small, full)
+
+    (_, first), (_, second) = run(scenario())
+    assert first.tolist() == [10] and second.tolist() == [20, 21, 22, 23]
+    assert model.batches == [4, 1, 4]  # queued in order: the 1-image request ran first
+
+
+def test_a_full_batch_whose_deadline_has_passed_is_refused_unrun(executor):
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = DynamicBatcher(model, executor, max_batch_size=4, inline_below_s=1.0)
+        await batcher.infer(tagged(0, 4))
+        past = asyncio.get_running_loop().time() - 1
+        with pytest.raises(DeadlineExpired):
+            await batcher.infer(tagged(10, 4), deadline=past)
+
+    run(scenario())
+    assert model.batches == [4]
