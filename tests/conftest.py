@@ -73,8 +73,10 @@ def model_repository(tmp_path_factory, test_digits) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model_repository, tmp_path_factory) -> Iterator[ServerProcess]:
-    """One server per test module."""
-    running = start_server(model_repository, tmp_path_factory.mktemp("logs"))
+    """One server per test module; its batches are of at most 64 images, so that the
+    tests' larger requests are split into several calls (the default, 1,024, splits none)."""
+    logs = tmp_path_factory.mktemp("logs")
+    running = start_server(model_repository, logs, "--max-batch-size", "64")
     try:
         yield running
     finally:

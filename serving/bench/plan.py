@@ -31,7 +31,7 @@ MULTI_CHANNEL = 8
 
 # What each setting of mnist37 passes to the server.
 BATCHING_FLAGS = {
-    "on": ["--max-batch-size", "64", "--max-queue-delay-us", "0"],  # the defaults
+    "on": ["--max-batch-size", "1024", "--max-queue-delay-us", "0"],  # the defaults
     "off": ["--max-batch-size", "1"],
 }
 KIND_LABELS = {

@@ -96,7 +96,9 @@ def test_a_successful_inference_moves_every_metric(model_repository, test_digits
     probability, digit = offline.predict(images)
 
     async def scenario() -> None:
-        async with running_server(model_repository) as server, stubs(server) as (oip, classify):
+        # Batches of at most 64: the 100-image request below runs as two calls.
+        batches = running_server(model_repository, max_batch_size=64)
+        async with batches as server, stubs(server) as (oip, classify):
             assert value(server, "mnist37_model_info", **model_info("mnist37", "2")) == 1
             assert value(server, "mnist37_model_info", **model_info("other", "1")) == 1
             assert value(server, "mnist37_model_load_total", model="mnist37", result="success")
