@@ -27,6 +27,7 @@ import pytest
 from helpers import http_call, infer_request, shipped_digit_files
 from prometheus_client.parser import text_string_to_metric_families
 
+from serving.bench.loadgen import ANY_WINDOWS
 from serving.catalog import WORKER_KEY
 from serving.client import Mnist37Client, main
 from serving.generated.inference import grpc_service_pb2 as pb
@@ -216,7 +217,7 @@ def test_perf_analyzer_runs_against_the_workers(workers):
     command = [sys.executable, "-m", "serving.perf_analyzer", "-m", "mnist37", "-i", "grpc"]
     command += ["-u", workers.target, "--concurrency-range", "16:16", "-p", "500"]
     completed = subprocess.run(
-        [*command, "--max-trials", "3", "-s", "100"],
+        [*command, "--max-trials", "3", "-s", str(ANY_WINDOWS)],
         capture_output=True,
         text=True,
         timeout=120,
