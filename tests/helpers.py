@@ -12,7 +12,9 @@ import io
 import json
 import ssl
 import subprocess
+import threading
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -316,3 +318,25 @@ def peak_rss_bytes(pid: int) -> int:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
     raise LookupError(f"no VmHWM for pid {pid}")
+
+
+def send_until_refused(
+    channel: grpc.Channel, outcomes: Counter, lock: threading.Lock, stop: threading.Event
+) -> None:
+    """What a client behind a load balancer does: send 8-image ModelInfers over `channel`
+    until told anything but OK (on UNAVAILABLE it would retry on another replica), or until
+    `stop`. Every answer is counted in `outcomes` by its code."""
+    from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
+
+    images = np.zeros((8, 28, 28), np.uint8)
+    stub = oip_grpc.GRPCInferenceServiceStub(channel)
+    while not stop.is_set():
+        try:
+            stub.ModelInfer(infer_request(images), timeout=30)
+            code = "OK"
+        except grpc.RpcError as error:
+            code = error.code().name
+        with lock:
+            outcomes[code] += 1
+        if code != "OK":
+            return

@@ -10,29 +10,15 @@ import time
 from collections import Counter
 
 import grpc
-import numpy as np
-from helpers import infer_request
+from helpers import send_until_refused
 
-from serving.generated.inference import grpc_service_pb2_grpc as pb_grpc
 from serving.launcher import start_server
 
 
 def keep_sending(target: str, outcomes: Counter, lock: threading.Lock, stop: threading.Event):
-    """What a client behind a load balancer does: send until told UNAVAILABLE (it would
-    retry on another replica), then stop. Every answer is counted by its code."""
-    images = np.zeros((8, 28, 28), np.uint8)
+    """One client with a connection of its own: `send_until_refused`."""
     with grpc.insecure_channel(target) as channel:
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while not stop.is_set():
-            try:
-                stub.ModelInfer(infer_request(images), timeout=30)
-                code = "OK"
-            except grpc.RpcError as error:
-                code = error.code().name
-            with lock:
-                outcomes[code] += 1
-            if code != "OK":
-                return
+        send_until_refused(channel, outcomes, lock, stop)
 
 
 def test_sigterm_under_load_cancels_or_loses_nothing(model_repository, tmp_path):

@@ -24,7 +24,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from helpers import http_call, infer_request, shipped_digit_files
+from helpers import http_call, infer_request, send_until_refused, shipped_digit_files
 from prometheus_client.parser import text_string_to_metric_families
 
 from serving.bench.loadgen import ANY_WINDOWS
@@ -323,21 +323,10 @@ def keep_sending(
 ) -> None:
     """Send over a connection of its own until refused (UNAVAILABLE: a client behind a load
     balancer would go elsewhere), counting each answer by its code."""
-    images = np.zeros((8, 28, 28), np.uint8)
     with connection(target) as channel:
         with lock:
             workers_seen.add(worker_of(channel))
-        stub = pb_grpc.GRPCInferenceServiceStub(channel)
-        while not stop.is_set():
-            try:
-                stub.ModelInfer(infer_request(images), timeout=30)
-                code = "OK"
-            except grpc.RpcError as error:
-                code = error.code().name
-            with lock:
-                outcomes[code] += 1
-            if code != "OK":
-                return
+        send_until_refused(channel, outcomes, lock, stop)
 
 
 def test_sigterm_under_load_drains_every_worker_and_loses_nothing(model_repository, tmp_path):
