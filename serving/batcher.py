@@ -25,8 +25,7 @@ images. The expectation comes from the calls of the batch's size class (powers o
 measured on every call (`_EXPECTATION_RISE`); a size class not seen yet runs in a worker
 thread first. So a slow graph, a large batch or a GPU keep the loop free, and a fast one stops
 paying for the hop. The batch then starts at the end of the current loop iteration, so the
-requests that arrived together still join one batch; only a request that fills a batch by
-itself, arriving at an idle batcher, runs at once, since nothing could join it.
+requests that arrived together still join one batch.
 """
 
 from __future__ import annotations
@@ -110,8 +109,6 @@ class DynamicBatcher:
         the serving graph. `deadline` is in `loop.time()` terms; None for no deadline."""
         count = len(images)
         self._admit(count, -(-count // self.max_batch_size))
-        if count == self.max_batch_size and self._idle() and self._runs_inline(count):
-            return self._run_alone(images, deadline)
         if count <= self.max_batch_size:
             return await self._put(images, deadline)
         durations = SplitRequestDurations()
@@ -160,21 +157,6 @@ class DynamicBatcher:
             else:
                 self._schedule(loop)
         return future
-
-    def _idle(self) -> bool:
-        return not self._queue and not self._running
-
-    def _run_alone(self, images: np.ndarray, deadline: float | None) -> Prediction:
-        """A full batch on its own, run inline at once: nothing is queued that it could
-        join or overtake, so it skips the queue, and with it the loop iteration that
-        starts a batch and the one that resumes its caller (about 10% of a 64-image
-        request's CPU here)."""
-        loop = asyncio.get_running_loop()
-        if deadline is not None and loop.time() >= deadline:
-            raise DeadlineExpired("deadline passed before the request could run")
-        item = _Queued(images, loop.create_future(), time.perf_counter_ns(), deadline)
-        self._run_inline(loop, [item], [images], leftovers=False)
-        return item.future.result()  # set by _deliver, or the call's error raised here
 
     def _schedule_soon(self, loop: asyncio.AbstractEventLoop) -> None:
         """`_schedule` at the end of this loop iteration: the requests handled in it queue
@@ -246,11 +228,7 @@ class DynamicBatcher:
         return expected_ns is not None and expected_ns < self.inline_below_ns
 
     def _run_inline(
-        self,
-        loop: asyncio.AbstractEventLoop,
-        batch: list[_Queued],
-        parts: list[np.ndarray],
-        leftovers: bool = True,
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Queued], parts: list[np.ndarray]
     ) -> None:
         start_ns = time.perf_counter_ns()
         self._running = True
@@ -262,10 +240,8 @@ class DynamicBatcher:
         else:
             self._running = False
             self._deliver(batch, start_ns, *outcome)
-        # What arrived during the call waits in grpc and aiohttp, not in the queue yet; what
-        # the queue holds past this batch (`leftovers`) starts once they have queued too.
-        if leftovers:
-            self._schedule_soon(loop)
+        # What arrived during the call waits in grpc and aiohttp, not in the queue yet.
+        self._schedule_soon(loop)
 
     def _finish(
         self,

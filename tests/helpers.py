@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from serving.generated.inference import grpc_service_pb2 as oip_pb
+from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TRAINING_SEED = 37
@@ -326,8 +327,6 @@ def send_until_refused(
     """What a client behind a load balancer does: send 8-image ModelInfers over `channel`
     until told anything but OK (on UNAVAILABLE it would retry on another replica), or until
     `stop`. Every answer is counted in `outcomes` by its code."""
-    from serving.generated.inference import grpc_service_pb2_grpc as oip_grpc
-
     images = np.zeros((8, 28, 28), np.uint8)
     stub = oip_grpc.GRPCInferenceServiceStub(channel)
     while not stop.is_set():

@@ -83,7 +83,7 @@ def test_mnist37_perf_analyzer_passes_its_arguments_to_perf_analyzer(server):
     env = {k: v for k, v in os.environ.items() if k != "LD_LIBRARY_PATH"}
     command = [sys.executable, "-m", "serving.perf_analyzer", "-m", "mnist37", "-i", "grpc"]
     command += ["-u", server.target, "-b", "2", "--concurrency-range", "2:2", "-p", "300"]
-    # -s 100: any two windows count as stable; this checks the wiring, not the figures.
+    # Any windows count as stable: this checks the wiring, not the figures.
     completed = subprocess.run(
         [*command, "--max-trials", "3", "-s", str(ANY_WINDOWS)],
         env=env,
